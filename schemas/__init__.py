@@ -1,0 +1,1 @@
+"""Store schema v1, reason codes, validation, manifest and done marker. No Ray, no torch."""

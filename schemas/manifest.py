@@ -1,0 +1,130 @@
+"""The store manifest and the per-shard done marker (DESIGN §4, §9 *Commit and resume*).
+
+Both are JSON written with sorted keys and no timestamps, so that two runs with the same extraction
+config produce byte-identical markers. ``manifest.json`` keeps a ``runs`` list (run history, with times)
+that is excluded from comparisons (``comparable_manifest``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from schemas.reasons import IGNORED_REASONS
+from schemas.store import SCHEMA_VERSION, StoreSchemaError, check_schema_version
+
+
+def canonical_json(obj: Any) -> bytes:
+    """Deterministic JSON bytes: sorted keys, no NaN, UTF-8, trailing newline."""
+    return (json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False, allow_nan=False) + "\n").encode()
+
+
+def config_digest(extraction_config: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON of what changes output bytes (§9): schema version, detector config,
+    weights digest, box mode and its numbers, scale, tokenizer digest, max tokens, caption mode, pixel limit.
+    Batch size, actor count and shards in flight must NOT be in ``extraction_config``."""
+    return hashlib.sha256(canonical_json(extraction_config)).hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardAccounting:
+    """Every member and sample of one shard, counted (§9 *Accounting*).
+
+    ``members == members_used + members_in_errors + sum(members_ignored.values())`` and
+    ``samples == rows + error_rows``.
+    """
+
+    members: int
+    members_used: int
+    members_in_errors: int
+    members_ignored: dict[str, int]
+    samples: int
+    rows: int
+    error_rows: int
+
+    def check(self, shard: str) -> None:
+        """Raise ``StoreSchemaError`` if the two accounting identities do not hold."""
+        unknown = set(self.members_ignored) - set(IGNORED_REASONS)
+        if unknown:
+            raise StoreSchemaError(f"shard {shard}: unknown ignored-member reasons {sorted(unknown)}")
+        ignored = sum(self.members_ignored.values())
+        if self.members != self.members_used + self.members_in_errors + ignored:
+            raise StoreSchemaError(
+                f"shard {shard}: members {self.members} != used {self.members_used} + in errors "
+                f"{self.members_in_errors} + ignored {ignored}"
+            )
+        if self.samples != self.rows + self.error_rows:
+            raise StoreSchemaError(
+                f"shard {shard}: samples {self.samples} != rows {self.rows} + error rows {self.error_rows}"
+            )
+
+
+@dataclass(frozen=True)
+class DoneMarker:
+    """The commit point of one shard: ``parts/<shard>.done.json``, written after the part and error files."""
+
+    shard: str
+    config_digest: str
+    rows: int
+    error_rows: int
+    part_bytes: int
+    part_sha256: str
+    errors_bytes: int
+    errors_sha256: str
+    accounting: ShardAccounting
+    schema_version: int = field(default=SCHEMA_VERSION)
+
+    def to_json(self) -> bytes:
+        return canonical_json(asdict(self))
+
+    @classmethod
+    def from_json(cls, data: bytes, *, where: str) -> DoneMarker:
+        """Parse a marker; raise ``StoreSchemaError`` (naming ``where``) if it is malformed."""
+        try:
+            raw = json.loads(data)
+            check_schema_version(raw.get("schema_version"), where=where)
+            raw["accounting"] = ShardAccounting(**raw["accounting"])
+            return cls(**raw)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise StoreSchemaError(f"{where}: malformed done marker ({exc})") from exc
+
+
+def new_manifest(
+    *,
+    feature_dim: int,
+    extraction_config: dict[str, Any],
+    provenance: dict[str, Any],
+) -> dict[str, Any]:
+    """A fresh manifest dict. ``provenance`` holds weights (digest, random_init), tokenizer digest,
+    library versions and vocabularies (object/attribute names, or None)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "feature_dim": feature_dim,
+        "extraction_config": extraction_config,
+        "config_digest": config_digest(extraction_config),
+        **provenance,
+        "failed_shards": [],
+        "runs": [],
+    }
+
+
+def parse_manifest(data: bytes, *, where: str) -> dict[str, Any]:
+    """Parse ``manifest.json``; raise ``StoreSchemaError`` if it is not a schema-v1 regionflow manifest."""
+    try:
+        manifest = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise StoreSchemaError(f"{where}: manifest is not JSON ({exc})") from exc
+    if not isinstance(manifest, dict):
+        raise StoreSchemaError(f"{where}: manifest is not a JSON object")
+    check_schema_version(manifest.get("schema_version"), where=where)
+    for name in ("feature_dim", "extraction_config", "config_digest"):
+        if name not in manifest:
+            raise StoreSchemaError(f"{where}: manifest lacks {name!r}")
+    return manifest
+
+
+def comparable_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The manifest without its ``runs`` history: what two equivalent stores must share."""
+    return {k: v for k, v in manifest.items() if k != "runs"}

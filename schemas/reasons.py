@@ -1,0 +1,47 @@
+"""Reason codes: why a sample became an error row, or why a tar member was ignored.
+
+The lists are fixed: a new code is a schema change (bump ``SCHEMA_VERSION`` in ``schemas.store``).
+Error rows carry an ``ErrorReason`` value in their ``reason`` column; ignored members are counted per
+``IgnoredReason`` in each shard's done marker (DESIGN §9 *Accounting*).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class ErrorReason(StrEnum):
+    """Why a sample (all members sharing one key) did not become a store row."""
+
+    MISSING_IMAGE = "missing_image"  # no member with an image extension
+    MISSING_CAPTION = "missing_caption"  # --captions required and no caption member / empty caption list
+    MULTIPLE_IMAGES = "multiple_images"  # e.g. KEY.jpg and KEY.png: ambiguous
+    NON_ADJACENT_MEMBERS = "non_adjacent_members"  # members of one key separated by another key
+    DUPLICATE_MEMBER = "duplicate_member"  # the same member name twice in one sample
+    TAR_TRUNCATED = "tar_truncated"  # the sample was cut by damage in the tar stream
+    IMAGE_EMPTY = "image_empty"  # zero-byte image member
+    IMAGE_TOO_LARGE = (
+        "image_too_large"  # header declares more pixels than --max-pixels (refused before decode)
+    )
+    IMAGE_UNDECODABLE = "image_undecodable"  # not an image, corrupt or truncated data
+    CAPTION_NOT_UTF8 = "caption_not_utf8"
+    CAPTION_JSON_INVALID = "caption_json_invalid"  # .json member that is not valid JSON
+    CAPTION_INVALID = "caption_invalid"  # JSON that is not an object, or caption(s) of the wrong type
+    BOXES_INVALID = "boxes_invalid"  # given boxes malformed, empty area or outside the image
+    BOXES_MISSING = "boxes_missing"  # --boxes given and the sample has no boxes
+    DETECTOR_OUTPUT_INVALID = "detector_output_invalid"  # non-finite or degenerate detector output
+
+
+class IgnoredReason(StrEnum):
+    """Why a tar member was counted but not used (the sample itself may still be fine)."""
+
+    UNKNOWN_EXTENSION = "unknown_extension"  # an extension regionflow does not read
+    UNSAFE_EXTENSION = (
+        "unsafe_extension"  # pickle-like members (.pyd, .pickle, .pkl, .pth, .pt, ...): never decoded
+    )
+    NOT_A_FILE = "not_a_file"  # directories, links, devices
+    CAPTION_UNUSED = "caption_unused"  # a second caption source (.txt beside .json) when one was used
+
+
+ERROR_REASONS: tuple[str, ...] = tuple(r.value for r in ErrorReason)
+IGNORED_REASONS: tuple[str, ...] = tuple(r.value for r in IgnoredReason)
