@@ -1,0 +1,197 @@
+"""ModelConfig: the one frozen config of the two-stream co-attention model (ViLBERT, Lu et al. 2019).
+
+Saved as a plain dict in every checkpoint (`to_dict`) and rebuilt with validation (`from_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+FUSIONS = ("product", "concat")
+TEXT_INITS = ("pretrained", "random")
+MRM_REGRESSION_LOSSES = ("mse", "smooth_l1")
+NUM_DETECTOR_CLASSES = 1601  # bottom-up attention: 1600 Visual Genome classes + background
+LOCATION_DIM = 5  # [x1/W, y1/H, x2/W, y2/H, area/(W*H)]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Configuration of `model.tasks.TaskModel`; every field has a type and a default.
+
+    Text stream:
+        text_checkpoint (str, ""): HF-format BERT directory; "" = the packaged all-MiniLM-L6-v2 ``model/`` folder.
+        text_init (str, "pretrained"): "pretrained" loads the checkpoint's weights; "random" builds a randomly
+            initialised BERT from the checkpoint's ``config.json`` (same vocabulary) for tests.
+        text_hidden (int, 0): hidden size override for ``text_init="random"`` (0 = the checkpoint's).
+        text_heads (int, 0): attention-head override for ``text_init="random"`` (0 = the checkpoint's).
+        text_intermediate (int, 0): feed-forward size override for ``text_init="random"`` (0 = the checkpoint's).
+        num_text_layers (int, 6): how many of the checkpoint's BERT layers to use (the first ones).
+        co_layers_after (tuple[int, ...], (3, 4, 5)): 0-based text-layer indices after which a Co-TRM block runs;
+            strictly increasing, each < ``num_text_layers``, at least one.
+    Visual stream:
+        feature_dim (int, 2048): region feature size D (from the store manifest).
+        visual_hidden (int, 1024): hidden size of the visual stream.
+        visual_layers (int, 3): visual TRM layers. As in ViLBERT, visual layer j runs right after Co-TRM block j;
+            layers beyond the number of blocks run before the first block.
+        visual_heads (int, 8), visual_intermediate (int, 1024): visual TRM heads and feed-forward size.
+    Co-attention:
+        co_hidden (int, 1024): size the co-attention projections map both streams into.
+        co_heads (int, 8): co-attention heads (``co_hidden % co_heads == 0``).
+    Fusion and heads:
+        fusion (str, "product"): pooled text x pooled image, "product" (ViLBERT) or "concat" (+ linear projection).
+        num_answers (int, 0): VQA answer vocabulary size; 0 = no VQA head.
+        num_region_classes (int, 1601): detector classes predicted by masked region modelling (KL target).
+        caption_decoder_layers (int, 2): transformer decoder layers of the caption head; 0 = no caption head.
+        caption_decoder_heads (int, 6): decoder heads (the decoder works at the text hidden size).
+        max_caption_tokens (int, 36): longest caption the decoder handles, ``[CLS]``/``[SEP]`` included.
+        dropout (float, 0.1): dropout of the visual stream, co-attention blocks, heads and decoder.
+    Pre-training:
+        mlm_probability (float, 0.15): fraction of real non-special tokens masked (BERT 80/10/10 recipe).
+        mrm_probability (float, 0.15): fraction of real regions whose features are zeroed (ViLBERT).
+        mrm_regression (str, "mse"): loss when the store has no ``cls_prob``: "mse" or "smooth_l1".
+        itm_negative_fraction (float, 0.5): fraction of pairs whose image is swapped for another image.
+        contrastive_weight (float, 0.0): weight of an in-batch contrastive loss on the unimodal pooled vectors
+            added to "retrieval" (0 = ITM only); it trains the cheap first-stage dot product.
+    Special tokens (BERT uncased WordPiece ids):
+        pad_token_id (int, 0), cls_token_id (int, 101), sep_token_id (int, 102), mask_token_id (int, 103).
+    """
+
+    text_checkpoint: str = ""
+    text_init: str = "pretrained"
+    text_hidden: int = 0
+    text_heads: int = 0
+    text_intermediate: int = 0
+    num_text_layers: int = 6
+    co_layers_after: tuple[int, ...] = (3, 4, 5)
+    feature_dim: int = 2048
+    visual_hidden: int = 1024
+    visual_layers: int = 3
+    visual_heads: int = 8
+    visual_intermediate: int = 1024
+    co_hidden: int = 1024
+    co_heads: int = 8
+    fusion: str = "product"
+    num_answers: int = 0
+    num_region_classes: int = NUM_DETECTOR_CLASSES
+    caption_decoder_layers: int = 2
+    caption_decoder_heads: int = 6
+    max_caption_tokens: int = 36
+    dropout: float = 0.1
+    mlm_probability: float = 0.15
+    mrm_probability: float = 0.15
+    mrm_regression: str = "mse"
+    itm_negative_fraction: float = 0.5
+    contrastive_weight: float = 0.0
+    pad_token_id: int = 0
+    cls_token_id: int = 101
+    sep_token_id: int = 102
+    mask_token_id: int = 103
+
+    def __post_init__(self) -> None:
+        # JSON round trips turn tuples into lists; normalise before validating (frozen: use object.__setattr__).
+        if isinstance(self.co_layers_after, list):
+            object.__setattr__(self, "co_layers_after", tuple(self.co_layers_after))
+        self._check_types()
+        self._check_values()
+
+    def _check_types(self) -> None:
+        hints = typing.get_type_hints(ModelConfig)
+        for f in dataclasses.fields(self):
+            value, hint = getattr(self, f.name), hints[f.name]
+            if hint is float:
+                ok = isinstance(value, int | float) and not isinstance(value, bool)
+            elif hint is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif hint is str:
+                ok = isinstance(value, str)
+            else:  # tuple[int, ...]
+                ok = isinstance(value, tuple) and all(
+                    isinstance(v, int) and not isinstance(v, bool) for v in value
+                )
+            if not ok:
+                raise ValueError(f"ModelConfig.{f.name} must be {hint}, got {value!r}")
+
+    def _check_values(self) -> None:
+        _require(self.text_init in TEXT_INITS, f"text_init must be one of {TEXT_INITS}")
+        _require(self.fusion in FUSIONS, f"fusion must be one of {FUSIONS}")
+        _require(self.mrm_regression in MRM_REGRESSION_LOSSES, f"mrm_regression in {MRM_REGRESSION_LOSSES}")
+        _require(self.num_text_layers >= 1, "num_text_layers must be >= 1")
+        co = self.co_layers_after
+        _require(len(co) >= 1, "co_layers_after needs at least one text-layer index")
+        _require(
+            all(0 <= i < self.num_text_layers for i in co) and list(co) == sorted(set(co)),
+            f"co_layers_after must be strictly increasing indices < num_text_layers, got {co}",
+        )
+        for name in ("feature_dim", "visual_hidden", "visual_heads", "visual_intermediate", "co_hidden"):
+            _require(getattr(self, name) >= 1, f"{name} must be >= 1")
+        _require(self.co_heads >= 1 and self.co_hidden % self.co_heads == 0, "co_hidden % co_heads != 0")
+        _require(self.visual_hidden % self.visual_heads == 0, "visual_hidden % visual_heads != 0")
+        for name in ("visual_layers", "num_answers", "caption_decoder_layers", "text_hidden", "text_heads"):
+            _require(getattr(self, name) >= 0, f"{name} must be >= 0")
+        _require(self.text_intermediate >= 0, "text_intermediate must be >= 0")
+        _require(self.num_region_classes >= 2, "num_region_classes must be >= 2")
+        _require(self.caption_decoder_heads >= 1, "caption_decoder_heads must be >= 1")
+        _require(self.max_caption_tokens >= 3, "max_caption_tokens must be >= 3 ([CLS] word [SEP])")
+        _require(0.0 <= self.dropout < 1.0, "dropout must be in [0, 1)")
+        for name in ("mlm_probability", "mrm_probability", "itm_negative_fraction"):
+            _require(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1]")
+        _require(self.contrastive_weight >= 0.0, "contrastive_weight must be >= 0")
+
+    @property
+    def num_co_layers(self) -> int:
+        """Number of Co-TRM blocks."""
+        return len(self.co_layers_after)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of builtins (tuples become lists), safe for JSON and ``torch.save(weights_only)``."""
+        d = dataclasses.asdict(self)
+        d["co_layers_after"] = list(self.co_layers_after)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """Build and validate a config from `to_dict` output; raises ``ValueError`` on unknown keys or values.
+
+        Missing keys take their defaults (older checkpoints stay loadable when fields are added).
+        """
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown ModelConfig field(s): {sorted(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def tiny(cls, feature_dim: int = 16, **overrides: Any) -> ModelConfig:
+        """A ~1M-parameter config for tests: random 2-layer BERT of width 32, two Co-TRM blocks.
+
+        The word embeddings keep the checkpoint's vocabulary (30522 x 32), so real token ids stay valid.
+        """
+        values: dict[str, Any] = dict(
+            text_init="random",
+            text_hidden=32,
+            text_heads=2,
+            text_intermediate=64,
+            num_text_layers=2,
+            co_layers_after=(0, 1),
+            feature_dim=feature_dim,
+            visual_hidden=24,
+            visual_layers=1,
+            visual_heads=2,
+            visual_intermediate=48,
+            co_hidden=16,
+            co_heads=2,
+            caption_decoder_layers=1,
+            caption_decoder_heads=2,
+            max_caption_tokens=12,
+            dropout=0.0,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(f"ModelConfig: {message}")
