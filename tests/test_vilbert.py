@@ -1,0 +1,268 @@
+"""The two-stream model and TaskModel on tiny configs (random BERT), plus the packaged checkpoint (2 layers)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from model.batch import Batch
+from model.config import ModelConfig
+from model.losses import IGNORE_INDEX
+from model.tasks import TASKS, TaskModel, mask_regions, mask_tokens, sample_negatives
+from model.vilbert import TwoStreamModel, region_locations
+
+FEATURE_DIM = 16
+CLS, SEP = 101, 102
+
+
+@pytest.fixture(autouse=True)
+def _seeded_single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        yield
+    torch.set_num_threads(threads)
+
+
+def make_batch(b: int = 4, n: int = 6, t: int = 8, num_answers: int = 5, cls_prob: bool = False) -> Batch:
+    """A random batch: row 0 has 3 real regions, row 1 five real tokens; rows 2 and 3 show the same image."""
+    g = torch.Generator().manual_seed(1)
+    xy = torch.rand(b, n, 2, generator=g) * 50
+    wh = torch.rand(b, n, 2, generator=g) * 40 + 5
+    region_mask = torch.ones(b, n, dtype=torch.bool)
+    region_mask[0, 3:] = False
+    ids = torch.randint(1000, 2000, (b, t), generator=g)
+    ids[:, 0], ids[:, -1] = CLS, SEP
+    token_mask = torch.ones(b, t, dtype=torch.bool)
+    ids[1, 4], ids[1, 5:] = SEP, 0
+    token_mask[1, 5:] = False
+    features = torch.randn(b, n, FEATURE_DIM, generator=g)
+    image_index = torch.arange(b)
+    image_index[3] = image_index[2]
+    features[3] = features[2]
+    probs = torch.softmax(torch.randn(b, n, 1601, generator=g), dim=-1) if cls_prob else None
+    return Batch(
+        features=features,
+        boxes_xyxy_px=torch.cat([xy, xy + wh], dim=-1),
+        image_size_px=torch.tensor([[100.0, 120.0]]).expand(b, 2).clone(),
+        region_mask=region_mask,
+        input_ids=ids,
+        token_mask=token_mask,
+        image_index=image_index,
+        cls_prob=probs,
+        vqa_targets=torch.rand(b, num_answers, generator=g),
+        caption_ids=ids.clone(),
+        caption_mask=token_mask.clone(),
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_config() -> ModelConfig:
+    return ModelConfig.tiny(feature_dim=FEATURE_DIM, num_answers=5)
+
+
+def test_config_round_trip(tiny_config):
+    for cfg in (tiny_config, ModelConfig(), ModelConfig.tiny(fusion="concat", co_layers_after=(1,))):
+        assert ModelConfig.from_dict(cfg.to_dict()) == cfg
+        assert ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"fusion": "sum"},
+        {"co_layers_after": [1, 0]},
+        {"co_layers_after": [2]},
+        {"co_hidden": 30, "co_heads": 4},
+        {"dropout": 1.5},
+        {"num_text_layers": "2"},
+        {"no_such_field": 1},
+    ],
+)
+def test_config_from_dict_rejects(tiny_config, change):
+    with pytest.raises(ValueError):
+        ModelConfig.from_dict({**tiny_config.to_dict(), **change})
+
+
+def test_region_locations_by_hand():
+    boxes = torch.tensor([[[10.0, 20.0, 50.0, 80.0]]])
+    got = region_locations(boxes, torch.tensor([[100.0, 200.0]]))
+    want = torch.tensor([[[0.1, 0.1, 0.5, 0.4, 40 * 60 / (100 * 200)]]])
+    torch.testing.assert_close(got, want)
+
+
+def test_global_region_is_mean_of_real_regions(tiny_config):
+    model = TwoStreamModel(tiny_config).eval()
+    batch = make_batch()
+    emb = model.visual_embedding
+    out, mask = emb(batch.features, batch.boxes_xyxy_px, batch.image_size_px, batch.region_mask)
+    assert out.shape == (4, 7, tiny_config.visual_hidden) and bool(mask[:, 0].all())
+    mean = batch.features[0, :3].mean(dim=0)  # row 0 has 3 real regions
+    whole = torch.tensor([[0.0, 0.0, 1.0, 1.0, 1.0]])
+    want = emb.feature_norm(emb.feature(mean[None])) + emb.location_norm(emb.location(whole))
+    torch.testing.assert_close(out[0, :1], want, atol=1e-5, rtol=1e-5)
+
+
+def test_padding_does_not_change_real_outputs(tiny_config):
+    model = TaskModel(tiny_config).eval()
+    batch = make_batch()
+    b, n, t = 4, 6, 8
+    padded = batch.replace(
+        features=torch.cat([batch.features, torch.full((b, 3, FEATURE_DIM), float("nan"))], dim=1),
+        boxes_xyxy_px=torch.cat([batch.boxes_xyxy_px, 1e6 * torch.ones(b, 3, 4)], dim=1),
+        region_mask=torch.cat([batch.region_mask, torch.zeros(b, 3, dtype=torch.bool)], dim=1),
+        input_ids=torch.cat([batch.input_ids, torch.full((b, 2), 1500)], dim=1),
+        token_mask=torch.cat([batch.token_mask, torch.zeros(b, 2, dtype=torch.bool)], dim=1),
+    )
+    with torch.no_grad():
+        base, pad = model.encode(batch), model.encode(padded)
+        torch.testing.assert_close(
+            pad.text_states[:, :t][batch.token_mask], base.text_states[batch.token_mask]
+        )
+        real_v = torch.cat([torch.ones(b, 1, dtype=torch.bool), batch.region_mask], dim=1)
+        torch.testing.assert_close(pad.visual_states[:, : n + 1][real_v], base.visual_states[real_v])
+        torch.testing.assert_close(pad.fused, base.fused)
+        torch.testing.assert_close(model.match_logits(padded), model.match_logits(batch))
+        torch.testing.assert_close(model.vqa_logits(padded), model.vqa_logits(batch))
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_losses_finite_and_gradients_reach_both_streams(tiny_config, task):
+    model = TaskModel(tiny_config).train()
+    out = model.losses(make_batch(), task, torch.Generator().manual_seed(0))
+    assert torch.isfinite(out.total) and all(torch.isfinite(torch.tensor(v)) for v in out.parts.values())
+    out.total.backward()
+    word_grad = model.encoder.word_embeddings.weight.grad
+    visual_grad = model.encoder.visual_embedding.feature.weight.grad
+    assert visual_grad is not None and visual_grad.abs().sum() > 0
+    assert word_grad is not None and word_grad.abs().sum() > 0
+
+
+def test_pretrain_parts_with_class_distribution_and_reproducible_masks(tiny_config):
+    model = TaskModel(tiny_config).train()
+    batch = make_batch(cls_prob=True)
+    first = model.losses(batch, "pretrain", torch.Generator().manual_seed(1)).parts
+    again = model.losses(batch, "pretrain", torch.Generator().manual_seed(1)).parts
+    assert set(first) == {"mlm", "mrm", "itm"} and first == again
+    assert all(value > 0 for value in first.values())
+
+
+def test_negatives_never_pair_an_image_with_itself():
+    image_index = torch.tensor([0, 0, 1, 2, 2, 3])
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        partner, is_match = sample_negatives(image_index, 0.5, g)
+        negatives = ~is_match
+        assert bool((image_index[partner][negatives] != image_index[negatives]).all())
+        assert bool((partner[is_match] == torch.arange(6)[is_match]).all())
+    partner, is_match = sample_negatives(torch.zeros(4, dtype=torch.long), 1.0, g)
+    assert bool(is_match.all())  # no other image to pair with
+
+
+def test_token_masking_spares_special_tokens(tiny_config):
+    batch = make_batch()
+    config = ModelConfig.tiny(feature_dim=FEATURE_DIM, mlm_probability=1.0)
+    ids, labels = mask_tokens(
+        batch.input_ids, batch.token_mask, config, 30522, torch.Generator().manual_seed(0)
+    )
+    special = (batch.input_ids == CLS) | (batch.input_ids == SEP) | ~batch.token_mask
+    assert bool((labels[special] == IGNORE_INDEX).all())
+    assert bool((ids[special] == batch.input_ids[special]).all())
+    assert bool((labels[~special] == batch.input_ids[~special]).all())
+    assert (ids == config.mask_token_id).sum() > 0
+    regions = mask_regions(batch.region_mask, 1.0, torch.Generator().manual_seed(0))
+    assert torch.equal(regions, batch.region_mask)
+
+
+def test_unimodal_pooled_text_ignores_the_image(tiny_config):
+    model = TaskModel(tiny_config).eval()
+    batch = make_batch()
+    other = batch.replace(features=torch.randn_like(batch.features))
+    with torch.no_grad():
+        a, b = model.pooled(batch), model.pooled(other)
+    torch.testing.assert_close(a.pooled_text, b.pooled_text)
+    assert not torch.allclose(a.pooled_visual, b.pooled_visual)
+    torch.testing.assert_close(a.pooled_text.norm(dim=-1), torch.ones(4))
+
+
+def test_beam_one_equals_greedy_and_decoding_is_clean(tiny_config):
+    model = TaskModel(tiny_config).eval()
+    batch = make_batch()
+    greedy = model.generate_captions(batch, max_tokens=6)
+    assert model.generate_captions(batch, max_tokens=6, beam_size=1) == greedy
+    assert model.caption_decoder is not None
+    memory, mask = model._caption_memory(batch)
+    assert model.caption_decoder.beam_search(memory, mask, 6, 1, CLS, SEP) == greedy
+    beams = model.generate_captions(batch, max_tokens=6, beam_size=3)
+    for caption in greedy + beams:
+        assert len(caption) <= 6 and not {CLS, SEP, 0} & set(caption)
+
+
+def test_caption_decoder_is_causal(tiny_config):
+    model = TaskModel(tiny_config).eval()
+    batch = make_batch()
+    memory, mask = model._caption_memory(batch)
+    ids = batch.caption_ids
+    changed = ids.clone()
+    changed[:, 5:] = 1234
+    ones = torch.ones_like(ids, dtype=torch.bool)
+    with torch.no_grad():
+        a = model.caption_decoder(ids, ones, memory, mask)
+        b = model.caption_decoder(changed, ones, memory, mask)
+    torch.testing.assert_close(a[:, :5], b[:, :5])
+    assert not torch.allclose(a[:, 5:], b[:, 5:])
+
+
+def test_mlm_decoder_is_tied_to_word_embeddings(tiny_config):
+    model = TaskModel(tiny_config)
+    assert model.mlm_head.decoder.weight is model.encoder.word_embeddings.weight
+
+
+def test_missing_targets_raise(tiny_config):
+    model = TaskModel(ModelConfig.tiny(feature_dim=FEATURE_DIM))  # no VQA head
+    batch = make_batch()
+    with pytest.raises(ValueError, match="VQA head"):
+        model.losses(batch, "vqa", torch.Generator())
+    with pytest.raises(ValueError, match="caption_ids"):
+        model.losses(batch.replace(caption_ids=None, caption_mask=None), "caption", torch.Generator())
+    with pytest.raises(ValueError, match="unknown task"):
+        model.losses(batch, "detect", torch.Generator())
+
+
+def test_packaged_checkpoint_text_stream_equals_bert():
+    transformers = pytest.importorskip("transformers")
+    from model.text_checkpoint import packaged_checkpoint_dir
+
+    try:
+        directory = packaged_checkpoint_dir()
+    except FileNotFoundError as error:
+        pytest.skip(f"packaged checkpoint unavailable: {error}")
+    config = ModelConfig.tiny(
+        feature_dim=FEATURE_DIM,
+        text_init="pretrained",
+        num_text_layers=2,
+        co_layers_after=(1,),
+        visual_layers=0,
+    )
+    model = TwoStreamModel(config).eval()
+    bert = transformers.BertModel.from_pretrained(
+        directory, local_files_only=True, num_hidden_layers=2
+    ).eval()
+    batch = make_batch()
+    with torch.no_grad():
+        # Before any Co-TRM block (text layer 0), our text stream is plain BERT: check via a unimodal pass.
+        ours = model(
+            batch.features,
+            batch.boxes_xyxy_px,
+            batch.image_size_px,
+            batch.region_mask,
+            batch.input_ids,
+            batch.token_mask,
+            cross=False,
+        ).text_states
+        want = bert(input_ids=batch.input_ids, attention_mask=batch.token_mask.long()).last_hidden_state
+    torch.testing.assert_close(ours[batch.token_mask], want[batch.token_mask], atol=1e-4, rtol=1e-4)
+    assert model.text_hidden == 384 and len(model.bert.encoder.layer) == 2
