@@ -1,0 +1,535 @@
+"""WebDataset shard -> decoded samples and error rows, every tar member counted (DESIGN §1, §9).
+
+Members are read with ``tarfile`` in stream mode (``r|``), not with ``webdataset``'s tar iterator: that
+iterator skips, without telling, non-regular members (directories, links), ``__*__`` names and metadata
+names, so those members could not be counted, and it stops a shard on a read error. Grouping is ours too:
+a sample's key is the member path up to the first dot of its basename, directory prefix kept (webdataset's
+``base_plus_ext``); the extension (everything after that dot, lower-cased) picks the member's role by its
+last component (``a.b.c.jpg`` is key ``a``, an image), as webdataset's decoders do.
+
+Per key (a *group* of adjacent members):
+
+- roles: image (``jpg jpeg png webp bmp``), ``txt`` caption, ``json`` metadata/caption; pickle-like
+  extensions are never decoded (ignored, ``unsafe_extension``); any other extension, or a name whose
+  basename has no dot, is ignored (``unknown_extension``); non-regular members are ignored (``not_a_file``).
+- the group becomes a ``DecodedSample`` or a ``SampleError`` (reason codes in ``schemas.reasons``); a key
+  whose group holds only ignored members still counts as a sample (``missing_image``).
+- a key seen again after another key (non-adjacent members) makes that later group an error row
+  (``non_adjacent_members``). Reading streams, so the earlier group was already emitted as whatever it
+  was: the key can then appear both as a row and as an error row.
+- caption source: the JSON's ``caption``/``captions`` field when present, else the first ``.txt``; an
+  unused second caption member is ignored (``caption_unused``).
+- damage: a member whose data is cut short, or a stream that ends in an invalid header or without the tar
+  end-of-archive marker: the group being read becomes a ``tar_truncated`` error row (with the cut member),
+  reading stops, and every sample before it is kept. No exception.
+
+Accounting (§9): ``members == sum(len(s.member_names) for s in samples) + sum(len(e.member_names) for e in
+errors) + sum(counts().members_ignored.values())``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import tarfile
+import zlib
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from typing import BinaryIO
+
+import numpy as np
+
+from schemas.reasons import ErrorReason, IgnoredReason
+from workers.captions import (
+    image_id_from_key,
+    parse_json_metadata,
+    parse_text_caption,
+    validate_boxes,
+)
+from workers.decode import decode_image
+from workers.rejection import SampleRejected
+
+IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp"})
+TEXT_EXTENSION = "txt"
+JSON_EXTENSION = "json"
+UNSAFE_EXTENSIONS = frozenset(
+    {"pyd", "pickle", "pkl", "pth", "pt", "ckpt", "bin", "npy", "npz", "joblib", "torch", "mp", "msgpack"}
+)
+CAPTION_MODES = ("required", "optional")
+GZIP_MAGIC = b"\x1f\x8b"
+TAIL_BYTES = 8 * tarfile.RECORDSIZE  # uncompressed bytes kept to inspect where the tar stream stopped
+STREAM_BUFFER_BYTES = 1 << 20
+
+_IMAGE, _TEXT, _JSON = "image", "text", "json"
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    """How a shard's samples are read.
+
+    Attributes:
+        captions: ``"required"`` (no caption -> ``missing_caption`` error row) or ``"optional"``.
+        max_pixels: refuse images whose header declares more pixels, before any decode (default 50e6).
+        require_boxes: ``True`` for ``--boxes given``: a sample without ``boxes`` in its JSON (or with an
+            empty list) is an error row (``boxes_missing``).
+    """
+
+    captions: str = "required"
+    max_pixels: int = 50_000_000
+    require_boxes: bool = False
+
+    def __post_init__(self) -> None:
+        if self.captions not in CAPTION_MODES:
+            raise ValueError(f"captions must be one of {CAPTION_MODES}, got {self.captions!r}")
+        if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
+            raise ValueError(f"max_pixels must be a positive int, got {self.max_pixels!r}")
+
+    def to_dict(self) -> dict:
+        """Plain dict for manifests and config digests."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DecodedSample:
+    """One good sample.
+
+    Attributes:
+        key, shard: identity (shard id, key).
+        image_id: int64 id from the JSON or a COCO-style key, else ``None``.
+        image_rgb: uint8 ``[H, W, 3]`` RGB, EXIF orientation applied.
+        width_px, height_px: ``W`` and ``H`` of ``image_rgb``.
+        captions: whitespace-stripped, non-empty captions (may be empty when captions are optional).
+        given_boxes_xyxy_px: float32 ``[N, 4]`` xyxy pixels inside the image, or ``None`` if not given.
+        member_names: the tar members used, in source order (ignored members are not listed).
+    """
+
+    key: str
+    shard: str
+    image_id: int | None
+    image_rgb: np.ndarray
+    width_px: int
+    height_px: int
+    captions: tuple[str, ...]
+    given_boxes_xyxy_px: np.ndarray | None
+    member_names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SampleError:
+    """One sample that did not make it: a row of the shard's error table (``schemas.store.error_schema``)."""
+
+    key: str
+    shard: str
+    member_names: tuple[str, ...]
+    reason: ErrorReason
+    detail: str
+
+
+@dataclass
+class MemberCounts:
+    """Tar members of one shard: all of them, and the ignored ones per ``IgnoredReason`` value."""
+
+    members: int = 0
+    members_ignored: dict[str, int] = field(default_factory=dict)
+
+
+class ShardReadError(RuntimeError):
+    """The shard cannot be read (missing, not a tar, I/O failure); the message contains the URL."""
+
+
+def shard_id_of(url: str) -> str:
+    """Shard id: the file name without any extension (``"a/b/coco-000.tar.gz"`` -> ``"coco-000"``)."""
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    return name.split(".", 1)[0]
+
+
+def expand_shard_urls(urls: list[str]) -> list[str]:
+    """Expand brace ranges (``shard-{000..099}.tar``) in order; refuse two URLs with one shard id.
+
+    Raises:
+        ValueError: two URLs share a shard id, or a URL has an empty shard id.
+    """
+    expanded: list[str] = []
+    for url in urls:
+        if "{" in url:
+            import braceexpand  # a webdataset dependency; only needed for ranges
+
+            expanded.extend(braceexpand.braceexpand(url))
+        else:
+            expanded.append(url)
+    seen: dict[str, str] = {}
+    for url in expanded:
+        shard = shard_id_of(url)
+        if not shard:
+            raise ValueError(f"shard URL {url!r} has an empty shard id")
+        if shard in seen:
+            raise ValueError(f"shard id {shard!r} given twice: {seen[shard]!r} and {url!r}")
+        seen[shard] = url
+    return expanded
+
+
+def open_shard_stream(url: str) -> BinaryIO:
+    """Open a shard for sequential reading: a local path, or any URI ``pyarrow.fs`` understands (``s3://``,
+    which honours ``AWS_ENDPOINT_URL``). Returns the raw (possibly compressed) byte stream.
+
+    Raises:
+        ShardReadError: the shard cannot be opened (message contains the URL).
+    """
+    from pyarrow import fs as pafs  # keeps `import workers.reader` light
+
+    uri = url if "://" in url else os.path.abspath(url)
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(uri)
+        return filesystem.open_input_stream(path, compression=None, buffer_size=STREAM_BUFFER_BYTES)
+    except (OSError, ValueError) as exc:
+        raise ShardReadError(f"cannot open shard {url}: {exc}") from exc
+
+
+def split_member_name(name: str) -> tuple[str, str] | None:
+    """``dir/key.ext.more`` -> ``("dir/key", "ext.more")`` (extension lower-cased); ``None`` if the
+    basename has no dot or starts with one. Same as webdataset's ``base_plus_ext`` except for dot-files
+    in a directory (``x/.h.txt``), which webdataset keys as ``x/`` and we leave without a key."""
+    directory, _, basename = name.rpartition("/")
+    stem, dot, extension = basename.partition(".")
+    if not dot or not stem:
+        return None
+    return (f"{directory}/{stem}" if _ else stem), extension.lower()
+
+
+def member_role(extension: str) -> str | IgnoredReason:
+    """Role of a member from its extension's last component: image / text / json, or why it is ignored."""
+    last = extension.rsplit(".", 1)[-1]
+    if last in IMAGE_EXTENSIONS:
+        return _IMAGE
+    if last == TEXT_EXTENSION:
+        return _TEXT
+    if last == JSON_EXTENSION:
+        return _JSON
+    if last in UNSAFE_EXTENSIONS:
+        return IgnoredReason.UNSAFE_EXTENSION
+    return IgnoredReason.UNKNOWN_EXTENSION
+
+
+@dataclass
+class _Member:
+    name: str
+    role: str
+    data: bytes
+
+
+@dataclass
+class _Group:
+    key: str
+    members: list[_Member] = field(default_factory=list)
+    non_adjacent: bool = False
+
+
+@dataclass(frozen=True)
+class _TarEntry:
+    """A member from the tar stream: ``data`` is ``None`` for non-regular members or unread ones."""
+
+    name: str
+    regular: bool
+    data: bytes | None
+
+
+@dataclass(frozen=True)
+class _TarDamage:
+    """The stream is damaged; ``name`` is the member being read when it was found (``None``: a header)."""
+
+    name: str | None
+    detail: str
+
+
+class _TailRecorder(io.RawIOBase):
+    """Pass-through reader that remembers the last ``TAIL_BYTES`` bytes and how many bytes it returned."""
+
+    def __init__(self, source: BinaryIO) -> None:
+        super().__init__()
+        self._source = source
+        self.total = 0
+        self.tail = bytearray()
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._source.read(size)
+        self.total += len(chunk)
+        self.tail += chunk
+        if len(self.tail) > TAIL_BYTES:
+            del self.tail[: len(self.tail) - TAIL_BYTES]
+        return chunk
+
+    def block_at(self, offset: int) -> bytes | None:
+        """The (up to 512) bytes at stream ``offset``, or ``None`` when no longer remembered."""
+        start = offset - (self.total - len(self.tail))
+        if start < 0:
+            return None
+        return bytes(self.tail[start : start + tarfile.BLOCKSIZE])
+
+
+def _decompressed(raw: BinaryIO) -> BinaryIO:
+    """Gzip is detected from the magic bytes, not the file name; anything else is read as a plain tar."""
+    head = raw.read(len(GZIP_MAGIC))
+    prefixed = io.BufferedReader(_Prefixed(head, raw), buffer_size=STREAM_BUFFER_BYTES)
+    if head == GZIP_MAGIC:
+        return gzip.GzipFile(fileobj=prefixed, mode="rb")
+    return prefixed
+
+
+class _Prefixed(io.RawIOBase):
+    """``prefix`` then the rest of ``source`` (undoes a peek on a non-seekable stream)."""
+
+    def __init__(self, prefix: bytes, source: BinaryIO) -> None:
+        super().__init__()
+        self._prefix, self._source = prefix, source
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
+        if self._prefix:
+            n = min(len(buffer), len(self._prefix))
+            buffer[:n] = self._prefix[:n]
+            self._prefix = self._prefix[n:]
+            return n
+        chunk = self._source.read(len(buffer))
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+
+# Exceptions that mean "this tar stream is damaged" (truncated plain or gzip data, corrupt gzip).
+_DAMAGE_ERRORS = (tarfile.ReadError, EOFError, zlib.error, gzip.BadGzipFile)
+
+
+def iter_tar_entries(
+    stream: BinaryIO, url: str, wanted: Callable[[str], bool]
+) -> Iterator[_TarEntry | _TarDamage]:
+    """Every member of a tar stream in order; data read only for regular members ``wanted(name)`` accepts.
+
+    Ends with one ``_TarDamage`` if the stream is damaged. Raises ``ShardReadError`` if the stream is
+    not a tar at all (first header unreadable) or on I/O errors.
+    """
+    recorder = _TailRecorder(_decompressed(stream))
+    try:
+        tar = tarfile.open(fileobj=recorder, mode="r|")
+    except _DAMAGE_ERRORS as exc:
+        raise ShardReadError(f"shard {url} is not a readable tar: {exc}") from exc
+    name: str | None = None
+    try:
+        for info in tar:
+            name = info.name
+            data = None
+            if info.isreg() and wanted(name):
+                data = tar.extractfile(info).read()
+            yield _TarEntry(name=name, regular=info.isreg(), data=data)
+            name = None
+            tar.members = []  # stream mode: do not accumulate TarInfo objects
+    except _DAMAGE_ERRORS as exc:
+        yield _TarDamage(name=name, detail=f"tar stream damaged at byte {tar.offset}: {exc}")
+        return
+    except OSError as exc:
+        raise ShardReadError(f"I/O error reading shard {url}: {exc}") from exc
+    damage = _end_of_stream_damage(recorder, tar.offset)
+    if damage is not None:
+        yield damage
+
+
+def _end_of_stream_damage(recorder: _TailRecorder, offset: int) -> _TarDamage | None:
+    """``tarfile`` ends iteration silently at an invalid header or at the end of data; tell those apart
+    from a proper end-of-archive (zero) block."""
+    block = recorder.block_at(offset)
+    assert block is not None, "tail recorder too short for tarfile's read-ahead"
+    if len(block) < tarfile.BLOCKSIZE:
+        return _TarDamage(
+            name=None, detail=f"tar stream ends at byte {offset} without an end-of-archive block"
+        )
+    if block.count(0) != tarfile.BLOCKSIZE:
+        return _TarDamage(name=None, detail=f"invalid tar header at byte {offset}")
+    return None
+
+
+def _wanted(name: str) -> bool:
+    split = split_member_name(name)
+    return split is not None and not isinstance(member_role(split[1]), IgnoredReason)
+
+
+class ShardReader:
+    """Iterate one shard's samples in source order, streaming (one sample's members held at a time).
+
+    Yields ``DecodedSample`` or ``SampleError`` (module docstring: rules). ``counts()`` is valid once the
+    iteration has finished.
+
+    Raises (from iteration):
+        ShardReadError: the shard cannot be opened, is not a tar, or an I/O error occurs.
+    """
+
+    def __init__(self, url: str, config: ReaderConfig) -> None:
+        self.url = url
+        self.config = config
+        self.shard_id = shard_id_of(url)
+        self._counts = MemberCounts()
+        self._ignored: Counter[str] = Counter()
+        self._finished = False
+
+    def counts(self) -> MemberCounts:
+        """Member counts of the finished iteration (``members_ignored`` keys sorted).
+
+        Raises:
+            RuntimeError: the iteration has not finished.
+        """
+        if not self._finished:
+            raise RuntimeError(f"counts() of shard {self.url} before its iteration finished")
+        return MemberCounts(self._counts.members, dict(sorted(self._ignored.items())))
+
+    def __iter__(self) -> Iterator[DecodedSample | SampleError]:
+        self._counts, self._ignored, self._finished = MemberCounts(), Counter(), False
+        stream = open_shard_stream(self.url)
+        try:
+            yield from self._samples(iter_tar_entries(stream, self.url, _wanted))
+        finally:
+            stream.close()
+        self._finished = True
+
+    def _samples(self, entries: Iterator[_TarEntry | _TarDamage]) -> Iterator[DecodedSample | SampleError]:
+        group: _Group | None = None
+        closed_keys: set[str] = set()
+        for entry in entries:
+            if isinstance(entry, _TarDamage):
+                yield from self._damaged(group, entry)
+                return
+            self._counts.members += 1
+            member = self._classify(entry)
+            if member is None:
+                continue
+            key = split_member_name(entry.name)[0]
+            if group is None or group.key != key:
+                if group is not None:
+                    closed_keys.add(group.key)
+                    yield self._finish(group)
+                group = _Group(key=key, non_adjacent=key in closed_keys)
+            if member.role:
+                group.members.append(member)
+        if group is not None:
+            yield self._finish(group)
+
+    def _classify(self, entry: _TarEntry) -> _Member | None:
+        """Count an ignored member; return ``None`` for one without a key (not a file, no extension),
+        else the member with its role (role ``""``: ignored, but it still opens or continues its key's
+        group, as in webdataset's grouping)."""
+        if not entry.regular:
+            self._ignored[IgnoredReason.NOT_A_FILE.value] += 1
+            return None
+        split = split_member_name(entry.name)
+        if split is None:
+            self._ignored[IgnoredReason.UNKNOWN_EXTENSION.value] += 1
+            return None
+        role = member_role(split[1])
+        if isinstance(role, IgnoredReason):
+            self._ignored[role.value] += 1
+            return _Member(name=entry.name, role="", data=b"")
+        assert entry.data is not None
+        return _Member(name=entry.name, role=role, data=entry.data)
+
+    def _damaged(self, group: _Group | None, damage: _TarDamage) -> Iterator[SampleError | DecodedSample]:
+        """The sample cut by stream damage becomes a ``tar_truncated`` error row (with the cut member).
+
+        Damage found at a header (``damage.name is None``) cuts the group being read (it may have lost
+        members we cannot see). A member whose data is cut belongs to its own key: if that key differs
+        from the group being read, that group was complete and is finished normally first.
+        """
+        if damage.name is not None:
+            self._counts.members += 1
+            split = split_member_name(damage.name)
+            cut_key = split[0] if split is not None else damage.name
+            if group is not None and group.key != cut_key:
+                yield self._finish(group)
+                group = None
+            if group is None:
+                group = _Group(key=cut_key)
+            group.members.append(_Member(name=damage.name, role="", data=b""))
+        elif group is None:
+            group = _Group(key="")  # damage before any keyed member: reported under the empty key
+        yield self._error(group, ErrorReason.TAR_TRUNCATED, damage.detail)
+
+    def _finish(self, group: _Group) -> DecodedSample | SampleError:
+        try:
+            return self._build(group)
+        except SampleRejected as rejected:
+            return self._error(group, rejected.reason, rejected.detail)
+
+    def _error(self, group: _Group, reason: ErrorReason, detail: str) -> SampleError:
+        names = tuple(m.name for m in group.members)
+        return SampleError(group.key, self.shard_id, names, reason, detail)
+
+    def _build(self, group: _Group) -> DecodedSample:
+        """Checks in order of cost: grouping, captions/metadata, boxes presence, image decode, box values.
+
+        Raises:
+            SampleRejected: the sample is an error row.
+        """
+        image = _check_grouping(group)
+        json_members = [m for m in group.members if m.role == _JSON]
+        text_members = [m for m in group.members if m.role == _TEXT]
+        used = [image]
+        meta = None
+        if json_members:
+            meta = parse_json_metadata(json_members[0].data, json_members[0].name)
+            used.append(json_members[0])
+        captions: tuple[str, ...] = ()
+        if meta is not None and meta.captions is not None:
+            captions = meta.captions
+        elif text_members:
+            captions = parse_text_caption(text_members[0].data, text_members[0].name)
+            used.append(text_members[0])
+        if self.config.captions == "required" and not captions:
+            raise SampleRejected(ErrorReason.MISSING_CAPTION, "no non-empty caption in .json or .txt")
+        boxes = meta.boxes_xyxy_px if meta is not None else None
+        if self.config.require_boxes and (boxes is None or len(boxes) == 0):
+            raise SampleRejected(ErrorReason.BOXES_MISSING, "no 'boxes' in the sample's JSON")
+        rgb = decode_image(image.data, self.config.max_pixels)
+        height, width = rgb.shape[:2]
+        if boxes is not None:
+            boxes = validate_boxes(boxes, width, height)
+        image_id = meta.image_id if meta is not None and meta.image_id is not None else None
+        if image_id is None:
+            image_id = image_id_from_key(group.key)
+        used_ids = {id(m) for m in used}
+        if len(group.members) > len(used):
+            self._ignored[IgnoredReason.CAPTION_UNUSED.value] += len(group.members) - len(used)
+        return DecodedSample(
+            key=group.key,
+            shard=self.shard_id,
+            image_id=image_id,
+            image_rgb=rgb,
+            width_px=width,
+            height_px=height,
+            captions=captions,
+            given_boxes_xyxy_px=boxes,
+            member_names=tuple(m.name for m in group.members if id(m) in used_ids),
+        )
+
+
+def _check_grouping(group: _Group) -> _Member:
+    """Return the group's one image member, or raise for non-adjacent, duplicate or missing/extra images."""
+    if group.non_adjacent:
+        raise SampleRejected(
+            ErrorReason.NON_ADJACENT_MEMBERS,
+            f"members of key {group.key!r} appear again after another key; the earlier group was read "
+            "as its own sample",
+        )
+    names = [m.name for m in group.members]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise SampleRejected(ErrorReason.DUPLICATE_MEMBER, f"member(s) {duplicates} appear more than once")
+    images = [m for m in group.members if m.role == _IMAGE]
+    if not images:
+        raise SampleRejected(
+            ErrorReason.MISSING_IMAGE, f"no member with an image extension {sorted(IMAGE_EXTENSIONS)}"
+        )
+    if len(images) > 1:
+        raise SampleRejected(ErrorReason.MULTIPLE_IMAGES, f"image members {[m.name for m in images]}")
+    return images[0]
