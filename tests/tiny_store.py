@@ -1,0 +1,103 @@
+"""Tiny feature stores for data / train / evaluate tests, written with ``workers.store.write_test_store``.
+
+Two kinds:
+    * `random_rows`: random features and boxes, captions of random real WordPiece ids.
+    * `planted_rows`: a planted signal. Each image shows ``WORDS_PER_IMAGE`` of `PLANTED_WORD_IDS`; each of its
+      regions carries the one-hot code of one of those words (plus noise), and each of its captions names
+      exactly those words (in a random order). A model that learns to match caption words to region codes
+      scores matching and retrieval above chance; with the visual rows shuffled across images it cannot.
+"""
+
+from __future__ import annotations
+
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CLS, SEP = 101, 102
+# WordPiece ids of common words in the BERT uncased vocabulary ("red", "blue", ... do not matter: any ids work).
+PLANTED_WORD_IDS = (2417, 2630, 2665, 3756, 2304, 2317, 4589, 6379, 2829, 5061)
+WORDS_PER_IMAGE = 3
+
+
+def _boxes(rng: np.random.Generator, n: int, width: int, height: int) -> list[list[float]]:
+    x1 = rng.uniform(0, width / 2, n)
+    y1 = rng.uniform(0, height / 2, n)
+    x2 = np.minimum(x1 + rng.uniform(4, width / 2, n), width)
+    y2 = np.minimum(y1 + rng.uniform(4, height / 2, n), height)
+    return np.stack([x1, y1, x2, y2], axis=1).astype(np.float32).tolist()
+
+
+def _row(
+    key: str, features: np.ndarray, captions: list[list[int]], rng: np.random.Generator, image_id: int | None
+) -> dict[str, Any]:
+    n = features.shape[0]
+    width, height = int(rng.integers(40, 80)), int(rng.integers(30, 60))
+    return {
+        "key": key,
+        "image_id": image_id,
+        "image_width_px": width,
+        "image_height_px": height,
+        "num_boxes": n,
+        "boxes_xyxy_px": _boxes(rng, n, width, height),
+        "features": features.astype(np.float16).tolist(),
+        "object_ids": [1] * n,
+        "object_conf": [0.5] * n,
+        "captions": [" ".join(f"w{t}" for t in c[1:-1]) for c in captions],
+        "input_ids": captions,
+        "captions_truncated": [False] * len(captions),
+    }
+
+
+def random_rows(
+    num_images: int,
+    feature_dim: int,
+    seed: int = 0,
+    captions_per_image: int = 2,
+    with_image_ids: bool = False,
+) -> list[dict[str, Any]]:
+    """Rows with random features, 2..5 boxes each, captions of 2..6 random word ids."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(num_images):
+        n = int(rng.integers(2, 6))
+        captions = [
+            [CLS, *rng.integers(2000, 8000, int(rng.integers(2, 7))).tolist(), SEP]
+            for _ in range(captions_per_image)
+        ]
+        features = rng.normal(size=(n, feature_dim))
+        rows.append(_row(f"img{i:04d}", features, captions, rng, 1000 + i if with_image_ids else None))
+    return rows
+
+
+def planted_rows(
+    num_images: int, feature_dim: int, seed: int = 0, captions_per_image: int = 2, noise: float = 0.1
+) -> list[dict[str, Any]]:
+    """Rows with the planted word signal (see the module docstring); ``feature_dim >= len(PLANTED_WORD_IDS)``."""
+    assert feature_dim >= len(PLANTED_WORD_IDS)
+    rng = np.random.default_rng(seed)
+    combos = list(combinations(range(len(PLANTED_WORD_IDS)), WORDS_PER_IMAGE))
+    rows = []
+    for i in range(num_images):
+        words = combos[int(rng.integers(len(combos)))]
+        n = 2 * WORDS_PER_IMAGE
+        features = rng.normal(scale=noise, size=(n, feature_dim))
+        for r in range(n):
+            features[r, words[r % WORDS_PER_IMAGE]] += 1.0
+        captions = [
+            [CLS, *[PLANTED_WORD_IDS[w] for w in rng.permutation(words)], SEP]
+            for _ in range(captions_per_image)
+        ]
+        rows.append(_row(f"img{i:04d}", features, captions, rng, 5000 + i))
+    return rows
+
+
+def write_store(root: Path, rows: list[dict[str, Any]], feature_dim: int, num_shards: int = 2) -> Path:
+    """Write ``rows`` round-robin into ``num_shards`` shards (``shard-000`` ...); returns ``root``."""
+    from workers.store import write_test_store
+
+    by_shard = {f"shard-{s:03d}": rows[s::num_shards] for s in range(num_shards)}
+    write_test_store(str(root), by_shard, feature_dim)
+    return root
