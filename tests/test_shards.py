@@ -1,0 +1,147 @@
+"""``regionflow shards``: folder + COCO captions -> deterministic tars, read back by the ShardReader."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from tarfactory import make_jpeg, make_png
+
+from pipelines.cli import main as cli_main
+from workers.reader import DecodedSample, ReaderConfig, ShardReader
+
+DATA = Path(__file__).parents[2] / "shared" / "data"
+COCO = DATA / "coco-train-mini"
+VQA_IMAGES = DATA / "vqa2-sample" / "images"
+needs_coco = pytest.mark.skipif(not COCO.is_dir(), reason="needs /work/shared/data/coco-train-mini")
+
+
+def digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def shards_cli(*args: str) -> int:
+    return cli_main(["shards", *args])
+
+
+@needs_coco
+def test_coco_mini_shards_are_deterministic_and_complete(tmp_path, capsys):
+    args = ["--images", str(COCO / "images"), "--captions", str(COCO / "captions_train2017.json")]
+    assert (
+        shards_cli(*args, "--out", str(tmp_path / "a"), "--samples-per-shard", "30", "--prefix", "coco") == 0
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["shards"] == ["coco-000000.tar", "coco-000001.tar", "coco-000002.tar"]
+    assert summary["samples"] == 80 and summary["samples_with_captions"] == 80
+    assert (
+        shards_cli(*args, "--out", str(tmp_path / "b"), "--samples-per-shard", "30", "--prefix", "coco") == 0
+    )
+    assert digests(tmp_path / "a") == digests(tmp_path / "b")
+
+    coco = json.loads((COCO / "captions_train2017.json").read_text())
+    expected = {}
+    for image in coco["images"]:
+        expected[Path(image["file_name"]).stem] = (image["id"], image["width"], image["height"])
+    names = []
+    for shard in summary["shards"]:
+        with tarfile.open(tmp_path / "a" / shard) as tar:
+            infos = tar.getmembers()
+            names += [i.name for i in infos]
+            assert {(i.mtime, i.uid, i.gid, i.uname, i.mode) for i in infos} == {(0, 0, 0, "", 0o644)}
+            first = json.loads(tar.extractfile(infos[1]).read())
+        key = infos[0].name.split(".")[0]
+        assert (first["image_id"], first["width"], first["height"]) == expected[key]
+        assert len(first["captions"]) == 5
+    keys = [n.split(".")[0] for n in names[::2]]
+    assert keys == sorted(expected) and names[1::2] == [k + ".json" for k in keys]
+    image = sorted((COCO / "images").glob("*.jpg"))[0]
+    with tarfile.open(tmp_path / "a" / "coco-000000.tar") as tar:
+        assert tar.extractfile(image.name).read() == image.read_bytes()
+
+
+@needs_coco
+def test_coco_mini_shards_read_back(tmp_path):
+    out = tmp_path / "s"
+    args = ["--images", str(COCO / "images"), "--captions", str(COCO / "captions_train2017.json")]
+    assert shards_cli(*args, "--out", str(out), "--samples-per-shard", "50") == 0
+    coco = json.loads((COCO / "captions_train2017.json").read_text())
+    captions = {}
+    for ann in coco["annotations"]:
+        captions.setdefault(ann["image_id"], []).append(ann["caption"].strip())
+    samples = []
+    for shard in sorted(out.glob("shard-*.tar")):
+        samples += list(ShardReader(str(shard), ReaderConfig()))
+    assert len(samples) == 80 and all(isinstance(s, DecodedSample) for s in samples)
+    for sample in samples:
+        assert sorted(sample.captions) == sorted(captions[sample.image_id])
+
+
+@pytest.mark.skipif(not VQA_IMAGES.is_dir(), reason="needs /work/shared/data/vqa2-sample")
+def test_vqa_images_without_captions(tmp_path, capsys):
+    assert shards_cli("--images", str(VQA_IMAGES), "--out", str(tmp_path), "--samples-per-shard", "4") == 0
+    assert json.loads(capsys.readouterr().out)["samples_with_captions"] == 0
+    with tarfile.open(tmp_path / "shard-000000.tar") as tar:
+        assert tar.getnames() == ["COCO_train2014_000000458752.jpg", "COCO_train2014_000000458752.json"]
+        meta = json.loads(tar.extractfile("COCO_train2014_000000458752.json").read())
+    with Image.open(VQA_IMAGES / "COCO_train2014_000000458752.jpg") as image:
+        assert (meta["width"], meta["height"]) == image.size
+    assert meta["image_id"] == 458752 and meta["captions"] == []
+
+
+def test_original_bytes_and_extension_kept(tmp_path):
+    images = tmp_path / "img"
+    images.mkdir()
+    (images / "b.PNG").write_bytes(make_png(5, 4))
+    (images / "a.jpeg").write_bytes(make_jpeg(6, 3))
+    (images / "notes.txt").write_text("not an image")
+    assert shards_cli("--images", str(images), "--out", str(tmp_path / "o"), "--samples-per-shard", "1") == 0
+    with tarfile.open(tmp_path / "o" / "shard-000000.tar") as tar:
+        assert tar.getnames() == ["a.jpeg", "a.json"]
+        assert tar.extractfile("a.jpeg").read() == (images / "a.jpeg").read_bytes()
+    with tarfile.open(tmp_path / "o" / "shard-000001.tar") as tar:
+        assert tar.getnames() == ["b.png", "b.json"]
+        assert json.loads(tar.extractfile("b.json").read()) == {
+            "captions": [],
+            "height": 4,
+            "image_id": None,
+            "width": 5,
+        }
+
+
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
+    images = tmp_path / "img"
+    images.mkdir()
+    (images / "000000000001.jpg").write_bytes(make_jpeg(4, 4))
+    coco_absent = tmp_path / "c.json"
+    coco_absent.write_text(json.dumps({"images": [{"id": 2, "file_name": "x.jpg"}], "annotations": []}))
+    out = tmp_path / "out"
+    cases = [
+        (["--images", str(tmp_path / "missing")], "not a directory"),
+        (["--images", str(images), "--samples-per-shard", "0"], "samples-per-shard"),
+        (["--images", str(images), "--captions", str(coco_absent)], "absent"),
+        (["--images", str(images), "--captions", str(tmp_path / "nope.json")], "not a file"),
+        (["--images", str(images), "--prefix", "a.b"], "prefix"),
+    ]
+    for args, message in cases:
+        full = [*args, "--out", str(out)]
+        if "--samples-per-shard" not in args:
+            full += ["--samples-per-shard", "2"]
+        assert shards_cli(*full) == 2, args
+        assert message in capsys.readouterr().err
+        assert not out.exists()
+
+
+def test_existing_shards_need_overwrite(tmp_path, capsys):
+    images = tmp_path / "img"
+    images.mkdir()
+    for i in range(3):
+        (images / f"k{i}.jpg").write_bytes(make_jpeg(4, 4, seed=i))
+    args = ["--images", str(images), "--out", str(tmp_path / "o")]
+    assert shards_cli(*args, "--samples-per-shard", "1") == 0
+    assert shards_cli(*args, "--samples-per-shard", "2") == 2
+    assert shards_cli(*args, "--samples-per-shard", "2", "--overwrite") == 0
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
