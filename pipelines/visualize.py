@@ -1,0 +1,205 @@
+"""``regionflow visualize STORE KEY [--shard ID] --out FILE.png [--images SHARD_URL ...]``.
+
+Draws one image with its stored region boxes, each labelled with its class (the name when the store's
+manifest carries the object vocabulary, ``manifest["vocabularies"]["objects"]``, where class ``i + 1`` is
+entry ``i``; else ``#id``) and its confidence.
+
+The store holds no pixels: the image is read from the input shard whose id is the row's ``shard``, found
+among ``--images`` (brace ranges allowed) or, without it, among the shard URLs the store's last extraction
+run recorded in its manifest. Exit codes: 0 written; 2 the key, shard or image cannot be found, or the key
+repeats across shards and ``--shard`` is missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tarfile
+from dataclasses import dataclass
+from typing import Any
+
+import cv2
+import numpy as np
+import pyarrow.compute as pc
+
+from schemas.store import StoreSchemaError
+from workers.decode import decode_image
+from workers.drawing import DrawingConfig, RegionLabel, class_name, draw_regions
+from workers.reader import (
+    IMAGE_EXTENSIONS,
+    ReaderConfig,
+    ShardReadError,
+    expand_shard_urls,
+    open_shard_stream,
+    shard_id_of,
+    split_member_name,
+)
+from workers.rejection import SampleRejected
+from workers.store import StoreReader
+
+log = logging.getLogger(__name__)
+
+# Where an extraction run records its input shard URLs in manifest.json (``shard_urls`` is what extract writes).
+RECORDED_URL_FIELDS = ("shard_urls", "shards", "urls", "inputs")
+
+
+class VisualizeError(RuntimeError):
+    """The request cannot be served (message says what is missing and what to pass)."""
+
+
+@dataclass(frozen=True)
+class StoreRow:
+    """The stored regions of one image."""
+
+    key: str
+    shard: str
+    width_px: int
+    height_px: int
+    boxes_xyxy_px: np.ndarray  # float32 [N, 4]
+    object_ids: list[int]
+    object_conf: list[float]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("store", help="feature store directory or URI")
+    parser.add_argument("key", help="sample key (tar member path up to the first dot of the basename)")
+    parser.add_argument("--shard", help="shard id, required when KEY appears in several shards")
+    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument(
+        "--images",
+        nargs="+",
+        metavar="SHARD_URL",
+        help="input shard(s) holding the image (default: the URLs recorded by the store's extraction run)",
+    )
+    parser.add_argument("--scale", type=float, default=1.0, help="resize factor of the picture (default 1)")
+    parser.add_argument(
+        "--max-boxes", type=int, default=0, help="draw only the N most confident boxes (0 = all)"
+    )
+
+
+def find_row(store: StoreReader, key: str, shard: str | None) -> StoreRow:
+    """The row of ``key`` (in ``shard`` when given). Raises ``VisualizeError`` if absent or ambiguous."""
+    shards = store.shards()
+    if shard is not None:
+        if shard not in shards:
+            raise VisualizeError(
+                f"shard {shard!r} is not committed in the store (shards: {_preview(shards)})"
+            )
+        shards = [shard]
+    found = []
+    for name in shards:
+        table = store.table(name)
+        matches = table.filter(pc.equal(table["key"], key))
+        found += [(name, row) for row in matches.to_pylist()]
+    if not found:
+        where = f"shard {shard!r}" if shard else f"any of the store's {len(shards)} shard(s)"
+        raise VisualizeError(f"key {key!r} is not in {where}")
+    if len(found) > 1:
+        raise VisualizeError(
+            f"key {key!r} is in several shards ({', '.join(s for s, _ in found)}): pass --shard ID"
+        )
+    name, row = found[0]
+    return StoreRow(
+        key=key,
+        shard=name,
+        width_px=int(row["image_width_px"]),
+        height_px=int(row["image_height_px"]),
+        boxes_xyxy_px=np.asarray(row["boxes_xyxy_px"], dtype=np.float32).reshape(-1, 4),
+        object_ids=[int(i) for i in row["object_ids"]],
+        object_conf=[float(c) for c in row["object_conf"]],
+    )
+
+
+def _preview(items: list[str], limit: int = 5) -> str:
+    return ", ".join(items[:limit]) + (f", ... ({len(items)} in all)" if len(items) > limit else "")
+
+
+def recorded_shard_urls(manifest: dict[str, Any]) -> list[str] | None:
+    """Input shard URLs recorded in the manifest: the newest run's ``args`` that has them (``regionflow
+    extract`` writes ``runs[-1]["args"]["shard_urls"]``), then the extraction config; None when absent."""
+    runs = [r for r in manifest.get("runs") or [] if isinstance(r, dict)]
+    places = [r.get("args") for r in reversed(runs)] + [manifest.get("extraction_config")]
+    for place in places:
+        if not isinstance(place, dict):
+            continue
+        for field in RECORDED_URL_FIELDS:
+            urls = place.get(field)
+            if isinstance(urls, list) and urls and all(isinstance(u, str) for u in urls):
+                return urls
+    return None
+
+
+def shard_url_for(shard: str, urls: list[str]) -> str:
+    """The URL among ``urls`` (brace ranges expanded) whose shard id is ``shard``; raises VisualizeError."""
+    try:
+        expanded = expand_shard_urls(urls)
+    except ValueError as exc:
+        raise VisualizeError(str(exc)) from exc
+    for url in expanded:
+        if shard_id_of(url) == shard:
+            return url
+    raise VisualizeError(f"none of the given shard URLs has shard id {shard!r} ({_preview(expanded)})")
+
+
+def read_image_bytes(url: str, key: str) -> bytes:
+    """Bytes of the image member of ``key`` in the tar at ``url`` (read sequentially; gzip allowed).
+
+    Raises:
+        VisualizeError: the shard has no image member for ``key``.
+        ShardReadError: the shard cannot be opened.
+    """
+    with open_shard_stream(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            parts = split_member_name(info.name)
+            if info.isreg() and parts and parts[0] == key and parts[1].rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:
+                return tar.extractfile(info).read()
+            tar.members = []  # stream mode: do not accumulate TarInfo objects
+    raise VisualizeError(f"shard {url} has no image member for key {key!r}")
+
+
+def _labels(row: StoreRow, manifest: dict[str, Any]) -> list[RegionLabel]:
+    vocabularies = manifest.get("vocabularies") or {}
+    objects = vocabularies.get("objects") if isinstance(vocabularies, dict) else None
+    return [
+        RegionLabel(class_id, conf, class_name(class_id, objects))
+        for class_id, conf in zip(row.object_ids, row.object_conf, strict=True)
+    ]
+
+
+def _max_pixels(manifest: dict[str, Any]) -> int:
+    value = (manifest.get("extraction_config") or {}).get("max_pixels")
+    return int(value) if isinstance(value, int) and value > 0 else ReaderConfig().max_pixels
+
+
+def render(args: argparse.Namespace) -> np.ndarray:
+    """The drawn picture, uint8 RGB; raises ``VisualizeError`` naming what is missing."""
+    store = StoreReader(args.store)
+    row = find_row(store, args.key, args.shard)
+    urls = args.images or recorded_shard_urls(store.manifest)
+    if not urls:
+        raise VisualizeError(
+            f"the store records no input shard URLs: pass --images SHARD_URL (the shard {row.shard!r} holds "
+            f"key {row.key!r})"
+        )
+    url = shard_url_for(row.shard, urls)
+    image = decode_image(read_image_bytes(url, row.key), _max_pixels(store.manifest))
+    if image.shape[:2] != (row.height_px, row.width_px):
+        raise VisualizeError(
+            f"image {row.key!r} in {url} is {image.shape[1]}x{image.shape[0]} but the store row says "
+            f"{row.width_px}x{row.height_px}: not the shard this store was extracted from"
+        )
+    config = DrawingConfig(scale=args.scale, max_boxes=args.max_boxes)
+    return draw_regions(image, row.boxes_xyxy_px, _labels(row, store.manifest), config)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        picture = render(args)
+    except (VisualizeError, StoreSchemaError, ShardReadError, SampleRejected) as exc:
+        log.error("%s", exc)
+        return 2
+    if not cv2.imwrite(args.out, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)):
+        log.error("OpenCV could not write %s (the extension must be .png)", args.out)
+        return 2
+    log.info("wrote %s (%dx%d)", args.out, picture.shape[1], picture.shape[0])
+    return 0
