@@ -47,11 +47,11 @@ def make_png(width: int, height: int, seed: int = 0, mode: str = "RGB") -> bytes
     rgb = make_rgb(width, height, seed)
     if mode == "I;16":
         gray = rgb[..., 0].astype(np.uint16) * 257
-        return encode(Image.fromarray(gray, mode="I;16"), "PNG")
+        return encode(Image.fromarray(gray), "PNG")
     image = Image.fromarray(rgb)
     if mode == "RGBA":
         alpha = np.linspace(0, 255, width, dtype=np.uint8)[None, :].repeat(height, 0)
-        image = Image.fromarray(np.dstack([rgb, alpha]), mode="RGBA")
+        image = Image.fromarray(np.dstack([rgb, alpha]))
     elif mode == "P":
         image = image.quantize(colors=16)
     elif mode != "RGB":
@@ -120,3 +120,20 @@ def member_offsets(path: str | Path) -> dict[str, tuple[int, int]]:
 def simple_sample(key: str, seed: int = 0, caption: str = "a test caption", size: int = 16) -> list:
     """The two members of a plain good sample: ``KEY.jpg`` and ``KEY.txt``."""
     return [(f"{key}.jpg", make_jpeg(size, size, seed)), (f"{key}.txt", caption.encode())]
+
+
+def read_all(path: str | Path, config=None):
+    """Read a whole shard with ``workers.reader.ShardReader`` -> ``(samples, errors, counts)``, asserting
+    the accounting identity: members == used + in error rows + ignored (DESIGN §9)."""
+    from workers.reader import DecodedSample, ReaderConfig, SampleError, ShardReader
+
+    reader = ShardReader(str(path), config or ReaderConfig())
+    items = list(reader)
+    counts = reader.counts()
+    samples = [i for i in items if isinstance(i, DecodedSample)]
+    errors = [i for i in items if isinstance(i, SampleError)]
+    assert len(samples) + len(errors) == len(items)
+    used = sum(len(s.member_names) for s in samples)
+    in_errors = sum(len(e.member_names) for e in errors)
+    assert counts.members == used + in_errors + sum(counts.members_ignored.values()), (counts, items)
+    return samples, errors, counts

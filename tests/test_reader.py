@@ -7,13 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from tarfactory import caption_json, make_jpeg, make_png, simple_sample, write_raw_tar
+from tarfactory import caption_json, make_jpeg, make_png, read_all, simple_sample, write_raw_tar
 
 from schemas.reasons import ErrorReason, IgnoredReason
 from workers.reader import (
-    DecodedSample,
     ReaderConfig,
-    SampleError,
     ShardReader,
     ShardReadError,
     expand_shard_urls,
@@ -22,20 +20,6 @@ from workers.reader import (
 )
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
-
-
-def read_all(path: Path, config: ReaderConfig | None = None):
-    """(samples, errors, counts) of one shard; checks the accounting identity on the way."""
-    reader = ShardReader(str(path), config or ReaderConfig())
-    items = list(reader)
-    counts = reader.counts()
-    samples = [i for i in items if isinstance(i, DecodedSample)]
-    errors = [i for i in items if isinstance(i, SampleError)]
-    assert len(samples) + len(errors) == len(items)
-    used = sum(len(s.member_names) for s in samples)
-    in_errors = sum(len(e.member_names) for e in errors)
-    assert counts.members == used + in_errors + sum(counts.members_ignored.values()), (counts, items)
-    return samples, errors, counts
 
 
 def test_good_samples_in_source_order(tmp_path):

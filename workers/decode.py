@@ -28,12 +28,15 @@ the bottom-up-attention extractor's ``cv2.imread`` does, so features match the r
 palette images are expanded by the decoder; 16-bit samples are scaled to 8 bits with rounding
 (``round(v * 255 / 65535)``); CMYK JPEGs are converted to RGB by libjpeg inside OpenCV. The EXIF
 orientation (tag 0x0112, read by Pillow) is applied last, so the returned array is the picture as
-displayed; ``IMREAD_UNCHANGED`` makes OpenCV itself ignore EXIF, so it is never applied twice.
+displayed; ``IMREAD_UNCHANGED`` makes OpenCV itself ignore EXIF, so it is never applied twice. An EXIF
+block that cannot be parsed is logged and the orientation taken as 1 (the pixels are fine).
 """
 
 from __future__ import annotations
 
 import io
+import logging
+import struct
 from dataclasses import dataclass
 
 import cv2
@@ -42,6 +45,8 @@ from PIL import Image, UnidentifiedImageError
 
 from schemas.reasons import ErrorReason
 from workers.rejection import SampleRejected
+
+log = logging.getLogger(__name__)
 
 ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP"})  # Pillow format names
 JPEG_FORMATS = frozenset({"JPEG", "MPO"})
@@ -109,7 +114,12 @@ def _exif_orientation(raw_exif: bytes | None) -> object:
     if not raw_exif:
         return 1
     exif = Image.Exif()
-    exif.load(raw_exif)
+    try:
+        exif.load(raw_exif)
+    except (SyntaxError, ValueError, OSError, EOFError, struct.error) as exc:
+        # the pixels are fine and OpenCV ignores EXIF too: keep the image, unrotated, and say so
+        log.warning("unreadable EXIF block (%s: %s): orientation taken as 1", type(exc).__name__, exc)
+        return 1
     return exif.get(EXIF_ORIENTATION_TAG, 1)
 
 

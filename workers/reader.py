@@ -276,8 +276,39 @@ def _decompressed(raw: BinaryIO) -> BinaryIO:
     head = raw.read(len(GZIP_MAGIC))
     prefixed = io.BufferedReader(_Prefixed(head, raw), buffer_size=STREAM_BUFFER_BYTES)
     if head == GZIP_MAGIC:
-        return gzip.GzipFile(fileobj=prefixed, mode="rb")
+        return _GzipChunks(gzip.GzipFile(fileobj=prefixed, mode="rb"))
     return prefixed
+
+
+class _GzipChunks(io.RawIOBase):
+    """Gzip data as decompressed so far: ``GzipFile.read(n)`` drops what it decompressed when the
+    compressed data ends early; this returns it first and raises the error on the following read, so
+    the samples before the damage are kept."""
+
+    def __init__(self, source: gzip.GzipFile) -> None:
+        super().__init__()
+        self._source = source
+        self._error: BaseException | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        if self._error is not None:
+            raise self._error
+        parts, wanted = [], size if size >= 0 else 1 << 62
+        try:
+            while wanted > 0:
+                chunk = self._source.read1(min(wanted, STREAM_BUFFER_BYTES))
+                if not chunk:
+                    break
+                parts.append(chunk)
+                wanted -= len(chunk)
+        except _DAMAGE_ERRORS as exc:
+            if not parts:
+                raise
+            self._error = exc
+        return b"".join(parts)
 
 
 class _Prefixed(io.RawIOBase):
