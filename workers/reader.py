@@ -281,21 +281,22 @@ def _decompressed(raw: BinaryIO) -> BinaryIO:
 
 
 class _GzipChunks(io.RawIOBase):
-    """Gzip data as decompressed so far: ``GzipFile.read(n)`` drops what it decompressed when the
-    compressed data ends early; this returns it first and raises the error on the following read, so
-    the samples before the damage are kept."""
+    """Gzip data as far as it decompresses. ``GzipFile.read(n)`` drops what it decompressed when the
+    compressed data ends early or is corrupt; this returns that data, then reports end of data and keeps
+    the error in ``error``, so ``tarfile`` sees a truncated tar and the samples before the damage are
+    kept."""
 
     def __init__(self, source: gzip.GzipFile) -> None:
         super().__init__()
         self._source = source
-        self._error: BaseException | None = None
+        self.error: BaseException | None = None
 
     def readable(self) -> bool:
         return True
 
     def read(self, size: int = -1) -> bytes:
-        if self._error is not None:
-            raise self._error
+        if self.error is not None:
+            return b""
         parts, wanted = [], size if size >= 0 else 1 << 62
         try:
             while wanted > 0:
@@ -305,9 +306,7 @@ class _GzipChunks(io.RawIOBase):
                 parts.append(chunk)
                 wanted -= len(chunk)
         except _DAMAGE_ERRORS as exc:
-            if not parts:
-                raise
-            self._error = exc
+            self.error = exc
         return b"".join(parts)
 
 
@@ -344,11 +343,14 @@ def iter_tar_entries(
     Ends with one ``_TarDamage`` if the stream is damaged. Raises ``ShardReadError`` if the stream is
     not a tar at all (first header unreadable) or on I/O errors.
     """
-    recorder = _TailRecorder(_decompressed(stream))
+    source = _decompressed(stream)
+    recorder = _TailRecorder(source)
     try:
         tar = tarfile.open(fileobj=recorder, mode="r|")
     except _DAMAGE_ERRORS as exc:
-        raise ShardReadError(f"shard {url} is not a readable tar: {exc}") from exc
+        raise ShardReadError(
+            f"shard {url} is not a readable tar: {_with_gzip_error(str(exc), source)}"
+        ) from exc
     name: str | None = None
     try:
         for info in tar:
@@ -360,13 +362,19 @@ def iter_tar_entries(
             name = None
             tar.members = []  # stream mode: do not accumulate TarInfo objects
     except _DAMAGE_ERRORS as exc:
-        yield _TarDamage(name=name, detail=f"tar stream damaged at byte {tar.offset}: {exc}")
+        detail = f"tar stream damaged at byte {tar.offset}: {exc}"
+        yield _TarDamage(name=name, detail=_with_gzip_error(detail, source))
         return
     except OSError as exc:
         raise ShardReadError(f"I/O error reading shard {url}: {exc}") from exc
     damage = _end_of_stream_damage(recorder, tar.offset)
     if damage is not None:
-        yield damage
+        yield _TarDamage(name=None, detail=_with_gzip_error(damage.detail, source))
+
+
+def _with_gzip_error(detail: str, source: BinaryIO) -> str:
+    error = getattr(source, "error", None)
+    return detail if error is None else f"{detail} (gzip: {error})"
 
 
 def _end_of_stream_damage(recorder: _TailRecorder, offset: int) -> _TarDamage | None:
