@@ -16,12 +16,14 @@ from dataclasses import asdict
 from schemas.store import StoreSchemaError
 from workers.feature_import import (
     SOURCE_FORMATS,
+    CaptionJoin,
     ImportConfig,
     StoreExistsError,
     import_features,
 )
 from workers.safe_unpickle import UnsafePickleError
 from workers.store import StoreLockedError
+from workers.tokenizer import DEFAULT_MAX_TOKENS, CaptionTokenizer
 
 log = logging.getLogger(__name__)
 EXIT_OK, EXIT_USER_ERROR = 0, 1
@@ -47,6 +49,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--keep-cls-prob", action="store_true", help="store the source's 1601-way cls_prob (float16)"
     )
+    parser.add_argument("--captions", metavar="COCO_JSON", help="join COCO captions by image_id (tokenized)")
+    parser.add_argument(
+        "--tokenizer", metavar="DIR", help="BERT checkpoint folder with tokenizer.json (default: packaged)"
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="tokens per caption, [CLS]/[SEP] included"
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a store of another source")
 
 
@@ -66,7 +75,11 @@ def run(args: argparse.Namespace) -> int:
             records_per_shard=args.records_per_shard,
             keep_cls_prob=args.keep_cls_prob,
         )
-        summary = import_features(args.source, args.out, config, overwrite=args.overwrite)
+        captions = None
+        if args.captions:
+            tokenizer = CaptionTokenizer(args.tokenizer, max_tokens=args.max_tokens)
+            captions = CaptionJoin(args.captions, tokenizer)
+        summary = import_features(args.source, args.out, config, captions=captions, overwrite=args.overwrite)
     except (
         FileNotFoundError,
         ValueError,

@@ -315,3 +315,45 @@ def test_records_per_shard_and_rerun_is_identical(tmp_path: Path, images: list[d
     assert len(StoreReader(str(tmp_path / "b")).manifest["runs"]) == 2
     with pytest.raises(StoreExistsError):
         import_features(str(src), str(tmp_path / "a"), ImportConfig("butd-tsv", "other"))
+
+
+COCO_CAPTIONS = (
+    Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-train-mini" / "captions_train2017.json"
+)
+
+
+def test_captions_joined_by_image_id(tmp_path: Path) -> None:
+    if not COCO_CAPTIONS.is_file():
+        pytest.skip(f"real COCO captions not found at {COCO_CAPTIONS}")
+    import json
+
+    coco = json.loads(COCO_CAPTIONS.read_text())
+    first, second = sorted({a["image_id"] for a in coco["annotations"]})[:2]
+    rng = np.random.default_rng(9)
+    src = tmp_path / "coco.tsv"
+    write_butd_tsv(src, [_image(rng, first, 2), _image(rng, 5, 1), _image(rng, second, 3)])
+    args = [
+        "import",
+        "--from",
+        "butd-tsv",
+        str(src),
+        "--out",
+        str(tmp_path / "s"),
+        "--captions",
+        str(COCO_CAPTIONS),
+    ]
+    assert cli_main(args + ["--max-tokens", "8"]) == 0
+    reader, table, _ = _only_shard(tmp_path / "s")
+    rows = table.to_pylist()
+    for row, image_id in zip(rows, (first, 5, second), strict=True):
+        annotations = sorted(
+            (a for a in coco["annotations"] if a["image_id"] == image_id), key=lambda a: a["id"]
+        )
+        assert row["captions"] == [a["caption"].strip() for a in annotations]
+        assert len(row["input_ids"]) == len(row["captions"]) == len(row["captions_truncated"])
+        for ids, cut in zip(row["input_ids"], row["captions_truncated"], strict=True):
+            assert 3 <= len(ids) <= 8 and ids[0] != ids[-1]  # [CLS] ... [SEP]
+            assert cut  # every COCO caption is longer than 6 word pieces
+    assert rows[1]["captions"] == []  # id 5 has no captions: empty, not an error
+    assert reader.manifest["extraction_config"]["captions"]["max_tokens"] == 8
+    assert reader.manifest["tokenizer"]["max_tokens"] == 8

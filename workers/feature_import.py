@@ -26,8 +26,9 @@ Rows: ``box_source="given"``; features cast to float16 (a value outside float16'
 an error row, never ``inf``); ``object_ids`` / ``object_conf`` = argmax / max over the foreground columns
 1..C-1 of ``cls_prob`` (ids index the detector's C outputs, 0 = background, as ``workers.box_selection``),
 or, without ``cls_prob``, zeros with confidence 0 ("unknown class"); ``cls_prob`` is stored (float16)
-only with ``keep_cls_prob`` and C = 1601; no attributes; no captions. ``image_id`` is the source id when
-it is an integer, else null; the store key is the source id as text.
+only with ``keep_cls_prob`` and C = 1601; no attributes; no captions unless a COCO captions file is joined
+by ``image_id`` (``CaptionJoin``, tokenized with ``workers.tokenizer.CaptionTokenizer``). ``image_id`` is
+the source id when it is an integer, else null; the store key is the source id as text.
 
 Bad records become error rows, never silently fixed: boxes outside the image, empty (``x1 >= x2``) or
 non-finite → ``boxes_invalid`` (legacy ``+1``-convention one-pixel boxes with ``x1 == x2`` included);
@@ -42,6 +43,7 @@ import base64
 import binascii
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import os
 import pickle
@@ -131,7 +133,7 @@ class RecordError:
 @dataclass(frozen=True)
 class ImportedRow:
     """A validated image: boxes float32 ``[N, 4]`` xyxy px, features float16 ``[N, D]``,
-    cls_prob float32 ``[N, C]`` or None."""
+    cls_prob float32 ``[N, C]`` or None; captions with their token ids (empty unless joined)."""
 
     key: str
     image_id: int | None
@@ -140,6 +142,9 @@ class ImportedRow:
     boxes_xyxy_px: np.ndarray
     features: np.ndarray
     cls_prob: np.ndarray | None
+    captions: tuple[str, ...] = ()
+    input_ids: tuple[tuple[int, ...], ...] = ()
+    captions_truncated: tuple[bool, ...] = ()
 
 
 @dataclass
@@ -153,6 +158,7 @@ class ImportSummary:
     rows: int = 0
     error_rows: int = 0
     errors_by_reason: dict[str, int] = field(default_factory=dict)
+    rows_with_captions: int = 0
 
 
 # ---------------------------------------------------------------- source readers
@@ -404,7 +410,7 @@ def _flat_list(values: np.ndarray, counts: np.ndarray, dtype: pa.DataType) -> pa
 
 
 def rows_table(rows: Sequence[ImportedRow], shard: str, feature_dim: int, keep_cls_prob: bool) -> pa.Table:
-    """Store-schema-v1 table of ``rows`` (``box_source="given"``, no captions, no attributes).
+    """Store-schema-v1 table of ``rows`` (``box_source="given"``, no attributes).
 
     Raises:
         ValueError: ``rows`` is empty.
@@ -414,7 +420,6 @@ def rows_table(rows: Sequence[ImportedRow], shard: str, feature_dim: int, keep_c
     n = len(rows)
     counts = np.array([r.boxes_xyxy_px.shape[0] for r in rows], dtype=np.int64)
     labels = [object_labels(r.cls_prob, r.boxes_xyxy_px.shape[0]) for r in rows]
-    empty = pa.array([[]] * n, type=pa.list_(pa.string()))
     columns = {
         "key": pa.array([r.key for r in rows], pa.string()),
         "shard": pa.array([shard] * n, pa.string()),
@@ -437,9 +442,9 @@ def rows_table(rows: Sequence[ImportedRow], shard: str, feature_dim: int, keep_c
         "attribute_conf": pa.nulls(n, pa.list_(pa.float32())),
         "cls_prob": _cls_prob_column(rows, counts) if keep_cls_prob else None,
         "box_source": pa.array(["given"] * n, pa.string()),
-        "captions": empty,
-        "input_ids": pa.array([[]] * n, type=pa.list_(pa.list_(pa.int32()))),
-        "captions_truncated": pa.array([[]] * n, type=pa.list_(pa.bool_())),
+        "captions": pa.array([list(r.captions) for r in rows], pa.list_(pa.string())),
+        "input_ids": pa.array([[list(i) for i in r.input_ids] for r in rows], pa.list_(pa.list_(pa.int32()))),
+        "captions_truncated": pa.array([list(r.captions_truncated) for r in rows], pa.list_(pa.bool_())),
     }
     schema = row_schema(feature_dim)
     if columns["cls_prob"] is None:
@@ -453,6 +458,60 @@ def _cls_prob_column(rows: Sequence[ImportedRow], counts: np.ndarray) -> pa.Arra
     values = np.concatenate(kept) if kept else np.zeros((0, NUM_OBJECT_OUTPUTS), np.float32)
     column = _nested(values.astype(np.float16), NUM_OBJECT_OUTPUTS, counts * present, pa.float16())
     return pa.LargeListArray.from_arrays(column.offsets, column.values, mask=pa.array(~present))
+
+
+# ---------------------------------------------------------------- captions
+
+
+class CaptionJoin:
+    """COCO captions joined to imported rows by ``image_id`` and tokenized.
+
+    Args:
+        coco_json: a COCO captions file (``annotations`` with ``image_id`` and ``caption``); an image's
+            captions are kept in annotation-id order, stripped, empty ones dropped.
+        tokenizer: a ``workers.tokenizer.CaptionTokenizer``.
+
+    Attributes:
+        sha256: of the file's bytes (goes into the config digest with the tokenizer's digest).
+
+    Raises:
+        ValueError: the file is not a COCO captions JSON.
+    """
+
+    def __init__(self, coco_json: str, tokenizer: Any) -> None:
+        import json
+
+        from workers.captions import clean_captions
+
+        with open(coco_json, "rb") as f:
+            data = f.read()
+        self.sha256 = hashlib.sha256(data).hexdigest()
+        self.tokenizer = tokenizer
+        try:
+            annotations = sorted(json.loads(data)["annotations"], key=lambda a: int(a["id"]))
+            pairs = [(int(a["image_id"]), str(a["caption"])) for a in annotations]
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{coco_json}: not a COCO captions file ({exc})") from exc
+        grouped: dict[int, list[str]] = {}
+        for image_id, caption in pairs:
+            grouped.setdefault(image_id, []).append(caption)
+        self._captions = {i: clean_captions(c) for i, c in grouped.items()}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"captions_sha256": self.sha256, **self.tokenizer.to_dict()}
+
+    def attach(self, row: ImportedRow) -> ImportedRow:
+        """``row`` with its image's captions and token ids (unchanged when it has none)."""
+        captions = self._captions.get(row.image_id, ()) if row.image_id is not None else ()
+        if not captions:
+            return row
+        tokens = self.tokenizer.encode(list(captions))
+        return dataclasses.replace(
+            row,
+            captions=tuple(captions),
+            input_ids=tuple(tuple(ids) for ids in tokens.input_ids),
+            captions_truncated=tuple(tokens.truncated),
+        )
 
 
 # ---------------------------------------------------------------- the import
@@ -506,10 +565,15 @@ def _validated(record: RawRecord | RecordError, dim: int, keep_cls_prob: bool) -
 
 
 def write_records(
-    source: str, location: StoreLocation, config: ImportConfig, dim: int, digest: str
+    source: str,
+    location: StoreLocation,
+    config: ImportConfig,
+    dim: int,
+    digest: str,
+    captions: CaptionJoin | None = None,
 ) -> ImportSummary:
     """Stream ``source`` into committed shards of the store at ``location`` (manifest written by the
-    caller). Memory: one batch of rows (``config.batch_rows``) at a time.
+    caller), joining ``captions`` when given. Memory: one batch of rows (``config.batch_rows``) at a time.
 
     Raises:
         UnsafePickleError: an LMDB value names a disallowed global.
@@ -529,6 +593,8 @@ def write_records(
                 )
             else:
                 seen[item.key] = raw.where
+                item = captions.attach(item) if captions is not None else item
+                summary.rows_with_captions += bool(item.captions)
         if sink is None:
             sink = _ShardSink(location, config.shard_id(len(summary.shards)), config, dim, digest)
             summary.shards.append(sink.shard)
@@ -553,9 +619,12 @@ class StoreExistsError(RuntimeError):
     """``out`` already holds a store made from another source or config (pass ``overwrite``)."""
 
 
-def import_extraction_config(config: ImportConfig, sha256: str, feature_dim: int) -> dict[str, Any]:
+def import_extraction_config(
+    config: ImportConfig, sha256: str, feature_dim: int, captions: CaptionJoin | None = None
+) -> dict[str, Any]:
     """What changes the imported bytes (hashed into the store's config digest, §9): the source's digest,
-    its format, ``D``, the shard naming and ``keep_cls_prob``. Batch size is excluded."""
+    its format, ``D``, the shard naming, ``keep_cls_prob`` and the joined captions with the tokenizer
+    (digest, max tokens). Batch size is excluded."""
     from schemas.store import SCHEMA_VERSION
 
     return {
@@ -568,6 +637,7 @@ def import_extraction_config(config: ImportConfig, sha256: str, feature_dim: int
         "shard": config.shard,
         "records_per_shard": config.records_per_shard,
         "keep_cls_prob": config.keep_cls_prob,
+        "captions": captions.to_dict() if captions is not None else None,
     }
 
 
@@ -584,8 +654,16 @@ def _library_versions(source_format: SourceFormat) -> dict[str, str]:
     return versions
 
 
-def import_features(source: str, out: str, config: ImportConfig, *, overwrite: bool = False) -> ImportSummary:
-    """Import a feature file into a new store at ``out`` (local path or ``s3://``).
+def import_features(
+    source: str,
+    out: str,
+    config: ImportConfig,
+    *,
+    captions: CaptionJoin | None = None,
+    overwrite: bool = False,
+) -> ImportSummary:
+    """Import a feature file into a new store at ``out`` (local path or ``s3://``), joining ``captions``
+    by ``image_id`` when given (rows without an id or without captions keep empty lists).
 
     Writes ``manifest.json`` (with ``"import": {"format", "source", "sha256"}`` and a ``runs`` entry),
     then one committed shard per ``config.records_per_shard`` records (or one shard). Re-running on the
@@ -609,11 +687,11 @@ def import_features(source: str, out: str, config: ImportConfig, *, overwrite: b
     location = StoreLocation.parse(out)
     manifest = new_manifest(
         feature_dim=dim,
-        extraction_config=import_extraction_config(config, sha256, dim),
+        extraction_config=import_extraction_config(config, sha256, dim, captions),
         provenance={
             "import": {"format": config.source_format, "source": os.path.abspath(source), "sha256": sha256},
             "weights": {"digest": None, "random_init": False, "note": "features imported, no detector run"},
-            "tokenizer": None,
+            "tokenizer": captions.tokenizer.to_dict() if captions is not None else None,
             "library_versions": _library_versions(config.source_format),
             "vocabularies": None,
         },
@@ -629,7 +707,7 @@ def import_features(source: str, out: str, config: ImportConfig, *, overwrite: b
     with StoreLock(location):
         remove_stray_temporaries(location)
         write_manifest(location, manifest)
-        summary = write_records(source, location, config, dim, manifest["config_digest"])
+        summary = write_records(source, location, config, dim, manifest["config_digest"], captions)
         summary.source_sha256 = sha256
         manifest["runs"].append(
             {
