@@ -21,7 +21,13 @@ Per key (a *group* of adjacent members):
   unused second caption member is ignored (``caption_unused``).
 - damage: a member whose data is cut short, or a stream that ends in an invalid header or without the tar
   end-of-archive marker: the group being read becomes a ``tar_truncated`` error row (with the cut member),
-  reading stops, and every sample before it is kept. No exception.
+  reading stops, and every sample before it is kept. No exception. Gzip-compressed tars are recognised by
+  their magic bytes (whatever the file name); damaged or cut gzip data counts as a truncated tar at the
+  point where decompression failed. A tar cut exactly at a member boundary is seen as a missing
+  end-of-archive block, so the group being read is reported as cut even if it happened to be complete.
+- a shard that cannot be opened, whose first header is unreadable, or that fails with an I/O error:
+  ``ShardReadError`` (the caller retries or reports a failed shard; error rows already yielded for it
+  must then be discarded).
 
 Accounting (§9): ``members == sum(len(s.member_names) for s in samples) + sum(len(e.member_names) for e in
 errors) + sum(counts().members_ignored.values())``.
