@@ -99,5 +99,6 @@ class Batch:
             raise ValueError(f"Batch.vqa_targets must be [B, A], got {tuple(self.vqa_targets.shape)}")
         if (self.caption_ids is None) != (self.caption_mask is None):
             raise ValueError("Batch.caption_ids and Batch.caption_mask must be given together")
-        if self.caption_ids is not None and self.caption_ids.shape != self.caption_mask.shape:
-            raise ValueError("Batch.caption_ids and Batch.caption_mask shapes differ")
+        if self.caption_ids is not None and self.caption_mask is not None:
+            if self.caption_ids.shape != self.caption_mask.shape or self.caption_ids.shape[0] != b:
+                raise ValueError("Batch.caption_ids and Batch.caption_mask must both be [B, T_c]")

@@ -115,17 +115,21 @@ def load_text_bert(config: ModelConfig) -> BertModel:
         raise ValueError(
             f"num_text_layers={config.num_text_layers} but {directory} has {bert_config.num_hidden_layers}"
         )
-    overrides = dict(hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout)
+    dropouts = dict(hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout)
     if config.text_init == "pretrained":
         # Load every layer (so no checkpoint key is left over), then keep the first ones and drop the pooler.
         bert = BertModel.from_pretrained(
-            directory, local_files_only=True, attn_implementation="sdpa", **overrides
+            directory,
+            local_files_only=True,
+            attn_implementation="sdpa",
+            hidden_dropout_prob=config.dropout,
+            attention_probs_dropout_prob=config.dropout,
         )
         bert.encoder.layer = bert.encoder.layer[: config.num_text_layers]
         bert.config.num_hidden_layers = config.num_text_layers
         bert.pooler = None
         return bert
-    overrides["num_hidden_layers"] = config.num_text_layers
+    overrides: dict[str, int | float] = dict(dropouts, num_hidden_layers=config.num_text_layers)
     for field, value in (
         ("hidden_size", config.text_hidden),
         ("num_attention_heads", config.text_heads),
