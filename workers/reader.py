@@ -221,6 +221,7 @@ def member_role(extension: str) -> str | IgnoredReason:
 @dataclass
 class _Member:
     name: str
+    key: str
     role: str
     data: bytes
 
@@ -252,7 +253,7 @@ class _TarDamage:
 class _TailRecorder(io.RawIOBase):
     """Pass-through reader that remembers the last ``TAIL_BYTES`` bytes and how many bytes it returned."""
 
-    def __init__(self, source: BinaryIO) -> None:
+    def __init__(self, source: io.RawIOBase | io.BufferedIOBase) -> None:
         super().__init__()
         self._source = source
         self.total = 0
@@ -277,7 +278,7 @@ class _TailRecorder(io.RawIOBase):
         return bytes(self.tail[start : start + tarfile.BLOCKSIZE])
 
 
-def _decompressed(raw: BinaryIO) -> BinaryIO:
+def _decompressed(raw: BinaryIO) -> io.RawIOBase | io.BufferedIOBase:
     """Gzip is detected from the magic bytes, not the file name; anything else is read as a plain tar."""
     head = raw.read(len(GZIP_MAGIC))
     prefixed = io.BufferedReader(_Prefixed(head, raw), buffer_size=STREAM_BUFFER_BYTES)
@@ -363,10 +364,12 @@ def iter_tar_entries(
             name = info.name
             data = None
             if info.isreg() and wanted(name):
-                data = tar.extractfile(info).read()
+                extracted = tar.extractfile(info)
+                assert extracted is not None, "isreg() members always extract"
+                data = extracted.read()
             yield _TarEntry(name=name, regular=info.isreg(), data=data)
             name = None
-            tar.members = []  # stream mode: do not accumulate TarInfo objects
+            tar.members = []  # type: ignore[attr-defined]  # stream mode: do not accumulate TarInfo
     except _DAMAGE_ERRORS as exc:
         detail = f"tar stream damaged at byte {tar.offset}: {exc}"
         yield _TarDamage(name=name, detail=_with_gzip_error(detail, source))
@@ -378,7 +381,7 @@ def iter_tar_entries(
         yield _TarDamage(name=None, detail=_with_gzip_error(damage.detail, source))
 
 
-def _with_gzip_error(detail: str, source: BinaryIO) -> str:
+def _with_gzip_error(detail: str, source: object) -> str:
     error = getattr(source, "error", None)
     return detail if error is None else f"{detail} (gzip: {error})"
 
@@ -450,7 +453,7 @@ class ShardReader:
             member = self._classify(entry)
             if member is None:
                 continue
-            key = split_member_name(entry.name)[0]
+            key = member.key
             if group is None or group.key != key:
                 if group is not None:
                     closed_keys.add(group.key)
@@ -475,9 +478,9 @@ class ShardReader:
         role = member_role(split[1])
         if isinstance(role, IgnoredReason):
             self._ignored[role.value] += 1
-            return _Member(name=entry.name, role="", data=b"")
+            return _Member(name=entry.name, key=split[0], role="", data=b"")
         assert entry.data is not None
-        return _Member(name=entry.name, role=role, data=entry.data)
+        return _Member(name=entry.name, key=split[0], role=role, data=entry.data)
 
     def _damaged(self, group: _Group | None, damage: _TarDamage) -> Iterator[SampleError | DecodedSample]:
         """The sample cut by stream damage becomes a ``tar_truncated`` error row (with the cut member).
@@ -495,7 +498,7 @@ class ShardReader:
                 group = None
             if group is None:
                 group = _Group(key=cut_key)
-            group.members.append(_Member(name=damage.name, role="", data=b""))
+            group.members.append(_Member(name=damage.name, key=cut_key, role="", data=b""))
         elif group is None:
             group = _Group(key="")  # damage before any keyed member: reported under the empty key
         yield self._error(group, ErrorReason.TAR_TRUNCATED, damage.detail)

@@ -197,7 +197,8 @@ def write_shards(config: ShardsConfig) -> ShardsSummary:
         path.unlink()
     keys = list(images)
     step = config.samples_per_shard
-    shards, unreadable = [], []
+    shards: list[str] = []
+    unreadable: list[str] = []
     for index, start in enumerate(range(0, len(keys), step)):
         name = f"{config.prefix}-{index:0{SHARD_INDEX_DIGITS}d}.tar"
         write_tar(out_dir / name, _shard_members(keys[start : start + step], images, coco, unreadable))
