@@ -185,7 +185,7 @@ class ModelConfig:
             co_heads=2,
             caption_decoder_layers=1,
             caption_decoder_heads=2,
-            max_caption_tokens=12,
+            max_caption_tokens=36,
             dropout=0.0,
         )
         values.update(overrides)

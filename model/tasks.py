@@ -234,7 +234,8 @@ class TaskModel(nn.Module):
         - retrieval: ITM (+ ``contrastive_weight`` x in-batch contrastive loss on the unimodal pooled vectors).
         - vqa: soft-score BCE x num_answers (bottom-up-attention VQA recipe, see `losses.vqa_loss`).
         - caption: teacher-forced cross-entropy of the decoder.
-        Raises ``ValueError`` for an unknown task or a batch lacking that task's targets.
+        Raises ``ValueError`` for an unknown task, an invalid batch (`Batch.validate`) or one lacking the
+        task's targets.
         """
         table: dict[str, Callable[[Batch, torch.Generator], dict[str, torch.Tensor]]] = {
             "pretrain": self._pretrain_losses,
@@ -244,6 +245,7 @@ class TaskModel(nn.Module):
         }
         if task not in table:
             raise ValueError(f"unknown task {task!r}; expected one of {TASKS}")
+        batch.validate()
         parts = table[task](batch, generator)
         total = torch.stack(list(parts.values())).sum()
         return LossOutput(total=total, parts={name: float(value.detach()) for name, value in parts.items()})
