@@ -275,3 +275,13 @@ def test_coco_train_mini(tmp_path: Path, capsys, ray_session: object) -> None:
     assert rows.column("image_id").null_count == 0
     widths = np.asarray(rows.column("image_width_px"))
     assert widths.min() >= 333 and widths.max() <= 640
+
+
+def test_inspect_verifies_an_extracted_store(store: Path) -> None:
+    from pipelines.inspect import inspect_store
+
+    report = inspect_store(str(store), verify=True)
+    assert report.verified is True, report.problems
+    assert (report.rows, report.boxes) == (GOOD_ROWS, GOOD_ROWS * 12)
+    assert report.error_rows_by_reason == {"image_undecodable": 1, "missing_caption": 1}
+    assert report.members_ignored_by_reason == {"unknown_extension": 1}

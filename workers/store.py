@@ -161,19 +161,20 @@ class PartWriter:
         )
 
     def commit(self, accounting: ShardAccounting) -> DoneMarker:
-        """Close the part, write the error table, then the marker (the commit point)."""
-        self._writer.close()
-        self._stream.close()
-        if self.location.is_local:
-            self.location.fs.move(self._target, self._final)
+        """Check the error rows and the accounting, close the part, write the error table, then the marker
+        (the commit point). On a check failure nothing is renamed: the temporary part stays for ``abort``."""
         errors = pa.Table.from_pylist(self._errors, schema=error_schema())
         validate_errors(errors)
-        errors_bytes = _ipc_file_bytes(errors)
         if accounting.rows != self.rows or accounting.error_rows != errors.num_rows:
             raise StoreSchemaError(
                 f"shard {self.shard}: accounting rows/error rows do not match what was written"
             )
         accounting.check(self.shard)
+        errors_bytes = _ipc_file_bytes(errors)
+        self._writer.close()
+        self._stream.close()
+        if self.location.is_local:
+            self.location.fs.move(self._target, self._final)
         _, errors_name, marker_name = part_names(self.shard)
         self.location.write_bytes(self.location.path(PARTS_DIR, errors_name), errors_bytes)
         marker = DoneMarker(
