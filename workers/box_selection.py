@@ -1,0 +1,220 @@
+"""Which proposals of one image become stored regions (DESIGN §2 *Box selection*).
+
+The rule of bottom-up attention (peteanderson80/bottom-up-attention ``tools/generate_tsv.py``, and MILVLG
+bottom-up-attention.pytorch ``save_roi_features``), written here as our own vectorised code:
+
+1. For each foreground class c (1..C-1), greedy NMS at ``nms_iou`` over the proposals ordered by class-c
+   score; a proposal is suppressed by a kept, higher-ranked proposal whose IoU with it is ``> nms_iou``.
+2. ``max_conf[p]`` = the highest class score of p among the classes in which p survived (0 if none).
+3. Keep the proposals with ``max_conf >= conf_threshold``; fewer than the floor → the top ``floor`` by
+   ``max_conf``; more than the cap → the top ``cap`` (fixed K: floor = cap = K). With fewer proposals than
+   the floor, all proposals are kept (the image stores fewer boxes; ``num_boxes`` says how many).
+
+One IoU matrix per image serves every class: the greedy NMS runs for all classes at once, stepping through
+rank positions with a ``[C-1, P]`` boolean state (no Python loop over classes).
+
+Conventions: IoU with legacy ``+1`` pixel areas when ``area_plus_one`` (a box covers ``x2 - x1 + 1``
+pixels, as maskrcnn-benchmark's and py-faster-rcnn's NMS): computed as the plain IoU of the boxes
+``[x1, y1, x2 + 1, y2 + 1]``. Ties are broken deterministically by a stable sort: among equal scores the
+lower proposal index ranks first (numpy's ``argsort()[::-1]`` in ``generate_tsv.py`` is not stable).
+Kept boxes are returned in descending ``max_conf`` order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torchvision.ops import box_iou
+
+from workers.detector_config import BoxSelectionConfig
+
+_WORD_BITS = 64  # suppressed-proposal sets are packed into int64 words
+
+
+@dataclass(frozen=True)
+class BoxSelection:
+    """Result of ``select_boxes`` for one image with P proposals and K kept boxes.
+
+    Attributes:
+        keep: int64 ``[K]``, indices into the proposals, in descending ``max_conf`` order (stable).
+        max_conf: float32 ``[P]``, every proposal's ``max_conf`` (0 where suppressed in every class).
+        object_ids: int16 ``[K]``, argmax over the foreground classes (1..C-1) of the kept boxes.
+        object_conf: float32 ``[K]``, the class probability at ``object_ids``.
+    """
+
+    keep: np.ndarray
+    max_conf: np.ndarray
+    object_ids: np.ndarray
+    object_conf: np.ndarray
+
+
+def pairwise_iou(boxes_xyxy: torch.Tensor, *, plus_one: bool) -> torch.Tensor:
+    """IoU of every pair of boxes.
+
+    Args:
+        boxes_xyxy: float ``[P, 4]``, ``xyxy`` pixels.
+        plus_one: legacy convention, a box covers ``x2 - x1 + 1`` pixels.
+
+    Returns:
+        float32 ``[P, P]``.
+    """
+    boxes = boxes_xyxy.float()
+    if plus_one:
+        boxes = boxes + boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
+    return box_iou(boxes, boxes)
+
+
+def per_class_nms_max_conf(
+    boxes_xyxy: list[torch.Tensor], class_scores: list[torch.Tensor], *, nms_iou: float, plus_one: bool
+) -> list[torch.Tensor]:
+    """Greedy NMS for every class of every image at once; each proposal's best score where it survived.
+
+    All images and classes step through rank positions together: image b, class c holds a ``[P]`` bit set of
+    suppressed proposals (packed in 64-bit words), its rank-r candidate is kept when its bit is clear, and a
+    kept candidate ORs its row of the image's overlap matrix (IoU ``> nms_iou``) into the set.
+
+    Args:
+        boxes_xyxy: per image, float ``[P_i, 4]`` proposals, ``xyxy`` pixels.
+        class_scores: per image, float ``[P_i, C]`` scores of the classes to run NMS for (foreground only:
+            the caller drops the background column), values ``>= 0``.
+        nms_iou: suppress when IoU ``>`` this.
+        plus_one: legacy ``+1`` pixel areas.
+
+    Returns:
+        per image, float32 ``[P_i]``: ``max_conf`` (0 for a proposal suppressed in every class).
+    """
+    counts = [int(b.shape[0]) for b in boxes_xyxy]
+    num_images, num_props = len(counts), max(counts, default=0)
+    if num_props == 0:
+        return [torch.zeros(0, dtype=torch.float32, device=b.device) for b in boxes_xyxy]
+    device, num_classes = boxes_xyxy[0].device, class_scores[0].shape[1]
+    num_words = -(-num_props // _WORD_BITS)
+    overlaps = torch.zeros(num_images, num_props, num_words * _WORD_BITS, dtype=torch.bool, device=device)
+    scores = torch.full((num_images, num_classes, num_props), -1.0, device=device)  # padding ranks last
+    for i, (boxes, cls_scores) in enumerate(zip(boxes_xyxy, class_scores, strict=True)):
+        n = counts[i]
+        overlaps[i, :n, :n] = pairwise_iou(boxes, plus_one=plus_one) > nms_iou
+        scores[i, :, :n] = cls_scores.float().t()
+    words = _pack_bits(overlaps.view(num_images * num_props, -1))  # (B*P, W) int64
+    scores = scores.view(num_images * num_classes, num_props)  # (B*C, P)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices.t().contiguous()  # (P, B*C)
+    row_base = torch.arange(num_images, device=device).repeat_interleave(num_classes) * num_props  # (B*C,)
+    suppressed = torch.zeros(num_images * num_classes, num_words, dtype=torch.int64, device=device)
+    kept = torch.zeros_like(scores, dtype=torch.bool)
+    rows = torch.arange(scores.shape[0], device=device)
+    for rank in range(num_props):
+        cand = order[rank]  # (B*C,), the rank-th proposal of each image and class
+        alive = ((suppressed[rows, cand // _WORD_BITS] >> (cand % _WORD_BITS)) & 1) == 0
+        kept[rows, cand] = alive
+        suppressed |= words[row_base + cand] * alive[:, None]
+    best = torch.where(kept, scores, torch.zeros_like(scores)).view(num_images, num_classes, num_props)
+    best = best.max(dim=1).values.clamp_min(0.0)  # (B, P)
+    return [best[i, :n] for i, n in enumerate(counts)]
+
+
+def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a bool ``[R, W * 64]`` into int64 ``[R, W]`` (bit j of word w = column 64 w + j)."""
+    rows = mask.shape[0]
+    shifts = torch.arange(_WORD_BITS, dtype=torch.int64, device=mask.device)
+    # distinct powers of two: the (wrapping) int64 sum is their bitwise OR
+    return (mask.view(rows, -1, _WORD_BITS).to(torch.int64) << shifts).sum(dim=-1)
+
+
+def choose_by_max_conf(
+    max_conf: torch.Tensor, *, conf_threshold: float, floor: int, cap: int
+) -> torch.Tensor:
+    """Indices of the kept proposals, in descending ``max_conf`` order (stable: lower index first on ties).
+
+    Keeps ``max_conf >= conf_threshold`` (compared in ``max_conf``'s dtype), raised to ``floor`` and cut to
+    ``cap``; never more than there are proposals.
+
+    Returns:
+        int64 ``[K]`` with ``K = min(P, clamp(#above threshold, floor, cap))``.
+    """
+    order = torch.sort(max_conf, descending=True, stable=True).indices
+    num_above = int((max_conf >= conf_threshold).sum())
+    num_keep = min(max(num_above, floor), cap, max_conf.shape[0])
+    return order[:num_keep]
+
+
+def select_boxes(
+    boxes_xyxy: torch.Tensor, cls_prob: torch.Tensor, config: BoxSelectionConfig
+) -> BoxSelection:
+    """Select the stored regions of one image from its proposals (rule in the module docstring).
+
+    Args:
+        boxes_xyxy: float ``[P, 4]`` proposals, ``xyxy`` original-image pixels (IoU is computed on these).
+        cls_prob: float ``[P, C]`` class probabilities, column 0 = background (C = 1601 for bottom-up attention).
+        config: selection mode and numbers; mode ``given`` is not a selection.
+
+    Returns:
+        ``BoxSelection`` (numpy arrays on the CPU).
+
+    Raises:
+        ValueError: mode ``given``; shapes disagree; fewer than 2 columns in ``cls_prob``.
+    """
+    return select_boxes_batch([boxes_xyxy], [cls_prob], config)[0]
+
+
+def select_boxes_batch(
+    boxes_xyxy: list[torch.Tensor], cls_prob: list[torch.Tensor], config: BoxSelectionConfig
+) -> list[BoxSelection]:
+    """``select_boxes`` for several images in one vectorised pass (same result as one call per image).
+
+    Args:
+        boxes_xyxy: per image, float ``[P_i, 4]``, ``xyxy`` original-image pixels.
+        cls_prob: per image, float ``[P_i, C]``, column 0 = background; one C for all images.
+        config: as ``select_boxes``.
+
+    Raises:
+        ValueError: as ``select_boxes``; list lengths or class counts differ.
+    """
+    if config.mode == "given":
+        raise ValueError("box mode 'given' selects nothing: pool the given boxes instead")
+    if len(boxes_xyxy) != len(cls_prob):
+        raise ValueError(f"{len(boxes_xyxy)} box arrays but {len(cls_prob)} probability arrays")
+    for boxes, prob in zip(boxes_xyxy, cls_prob, strict=True):
+        _check_shapes(boxes, prob, cls_prob[0].shape[1])
+    max_confs = per_class_nms_max_conf(
+        boxes_xyxy, [p[:, 1:] for p in cls_prob], nms_iou=config.nms_iou, plus_one=config.area_plus_one
+    )
+    floor, cap = config.box_limits
+    out = []
+    for prob, max_conf in zip(cls_prob, max_confs, strict=True):
+        keep = choose_by_max_conf(max_conf, conf_threshold=config.conf_threshold, floor=floor, cap=cap)
+        object_ids, object_conf = best_foreground(prob[keep])
+        out.append(
+            BoxSelection(
+                keep=keep.cpu().numpy().astype(np.int64),
+                max_conf=max_conf.cpu().numpy().astype(np.float32),
+                object_ids=object_ids,
+                object_conf=object_conf,
+            )
+        )
+    return out
+
+
+def _check_shapes(boxes: torch.Tensor, prob: torch.Tensor, num_classes: int) -> None:
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must be [P, 4], got {tuple(boxes.shape)}")
+    if prob.ndim != 2 or prob.shape[0] != boxes.shape[0] or prob.shape[1] != num_classes or num_classes < 2:
+        raise ValueError(
+            f"cls_prob must be [P, C] with P={boxes.shape[0]} and one C >= 2 for all images, "
+            f"got {tuple(prob.shape)}"
+        )
+
+
+def best_foreground(prob: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Argmax over columns 1.. (column 0, background or "no attribute", is never chosen) and its value.
+
+    Args:
+        prob: float ``[N, C]`` probabilities, C >= 2.
+
+    Returns:
+        (int16 ``[N]`` ids in 1..C-1, float32 ``[N]`` probabilities); ties go to the lower id.
+    """
+    best = prob[:, 1:].float().max(dim=1)
+    ids = (best.indices + 1).cpu().numpy().astype(np.int16)
+    return ids, best.values.cpu().numpy().astype(np.float32)
