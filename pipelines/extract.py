@@ -39,6 +39,9 @@ Faults:
   refused unless ``--overwrite``. A ``StoreLock`` keeps two runs off one local store (object stores have
   no lock, which is logged).
 
+Exit codes: 0 every shard completed (error rows allowed); 1 refused before any work (bad flags, a store
+that is not ours or of another config, a held lock); 2 some shards failed (argparse usage errors also exit 2).
+
 Ray's workers get the driver's current directory on their ``sys.path``; ``ray.init`` is therefore called
 from the directory that holds regionflow's own packages, so a user's ``model.py`` cannot shadow ours, and no
 ``runtime_env`` working directory is shipped.
@@ -368,6 +371,17 @@ def _tokenizer(checkpoint_dir: str | None, max_tokens: int) -> Any:
     return _TOKENIZERS[key]
 
 
+def _warm_read_worker(tokenizer_dir: str | None, max_tokens: int) -> int:
+    """Import the reader and build the tokenizer in a read worker during start-up (not timed as
+    processing); Ray reuses the warmed worker processes for the read tasks."""
+    import workers.reader  # noqa: F401
+
+    _tokenizer(tokenizer_dir, max_tokens)
+    return os.getpid()
+
+
+warm_read_worker_task = ray.remote(num_cpus=DECODE_TASK_CPUS)(_warm_read_worker)
+
 read_shard_task = ray.remote(
     num_returns="streaming",
     num_cpus=DECODE_TASK_CPUS,
@@ -412,14 +426,24 @@ def _start_ray(config: ExtractConfig) -> RayResources:
     gpus = int(total.get("GPU", 0))
     if gpus and config.detectors > gpus:
         raise ExtractRefused(f"--detectors {config.detectors} but the cluster has {gpus} GPUs")
-    node_cpus = max((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["Alive"]), default=1)
-    per_node = config.detectors if not gpus else max(1, config.detectors // max(1, len(ray.nodes())))
-    threads = config.detector_threads or max(1, int(node_cpus) // per_node)
+    threads = config.detector_threads or _default_threads(config.detectors, gpus)
     room = (total.get("CPU", 1) - config.shards_in_flight * DECODE_TASK_CPUS) / config.detectors
     actor_cpus = round(max(min(threads, room), 0.01), 2)
     if actor_cpus < threads:
         logger.info("detector actors reserve %.2f CPUs each (they run %d threads)", actor_cpus, threads)
     return RayResources(started, actor_cpus, 1 if gpus else 0, threads)
+
+
+def _default_threads(detectors: int, gpus: int) -> int:
+    """Torch threads per detector actor when ``--detector-threads`` is not given: a node's cores shared by
+    the actors on it (on a GPU cluster one actor per GPU of a GPU node; otherwise all actors on the
+    largest node, as in a local run)."""
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    if gpus:
+        node = max((r for r in nodes if r.get("GPU", 0) >= 1), key=lambda r: r["GPU"])
+        return max(1, int(node.get("CPU", 1) // node["GPU"]))
+    node_cpus = max((r.get("CPU", 1) for r in nodes), default=1)
+    return max(1, int(node_cpus // detectors))
 
 
 class DetectorPool:
@@ -772,7 +796,12 @@ def extract(
                 config.box_source(),
             )
             pool = DetectorPool(spec, resources, config.detectors, fault)
+            warm = [
+                warm_read_worker_task.remote(config.tokenizer, config.max_tokens)
+                for _ in range(config.shards_in_flight)
+            ]
             info = pool.describe()
+            ray.get(warm)
             startup_s = time.perf_counter() - t0
             extraction = extraction_config(config, info, tokenizer)
             digest = config_digest(extraction)

@@ -285,3 +285,66 @@ def test_inspect_verifies_an_extracted_store(store: Path) -> None:
     assert (report.rows, report.boxes) == (GOOD_ROWS, GOOD_ROWS * 12)
     assert report.error_rows_by_reason == {"image_undecodable": 1, "missing_caption": 1}
     assert report.members_ignored_by_reason == {"unknown_extension": 1}
+
+
+class PlantedDetector:
+    """Stands in for ``RegionDetector`` in row-building tests: returns planted outputs by image width."""
+
+    feature_dim = 4
+
+    def __init__(self, outputs: dict[int, object]) -> None:
+        self.outputs = outputs
+
+    def bucket_of(self, height_px: int, width_px: int) -> tuple[int, int]:
+        return (32, 32)
+
+    def extract(self, images: list[np.ndarray], given_boxes: object = None) -> list[object]:
+        return [self.outputs[image.shape[1]] for image in images]
+
+
+def planted_output(features: np.ndarray, boxes: list[list[float]] | None = None) -> object:
+    from workers.detector import RegionOutput
+
+    n = features.shape[0]
+    boxes_array = np.asarray(boxes or [[0, 0, 4, 4]] * n, dtype=np.float32)
+    return RegionOutput(boxes_array, features.astype(np.float32), np.arange(1, n + 1, dtype=np.int16),
+                        np.full(n, 0.5, np.float32), None, None, None)  # fmt: skip
+
+
+def read_sample(key: str, width: int) -> object:
+    from workers.reader import DecodedSample
+    from workers.rows import ReadSample
+    from workers.tokenizer import TokenizedCaptions
+
+    image = np.zeros((8, width, 3), np.uint8)
+    sample = DecodedSample(key, "s", None, image, width, 8, ("a cap",), None, (f"{key}.jpg", f"{key}.txt"))
+    return ReadSample(sample, TokenizedCaptions([[101, 1037, 102]], [False]))
+
+
+@pytest.mark.parametrize(
+    ("output", "detail"),
+    [
+        (planted_output(np.array([[1.0, np.nan, 0, 0]])), "non-finite value in features"),
+        (planted_output(np.array([[7e4, 0, 0, 0]])), "exceeds the float16 range"),
+        (planted_output(np.ones((1, 4)), [[0, 0, 9, 4]]), "outside the 8x8 image"),
+        (planted_output(np.ones((1, 4)), [[3, 0, 3, 4]]), "empty or outside"),
+        (planted_output(np.zeros((0, 4))), "no box"),
+    ],
+)
+def test_unstorable_detector_output_becomes_an_error_row(output: object, detail: str) -> None:
+    from workers.reader import MemberCounts
+    from workers.rows import RegionRowBuilder, ShardChunk
+
+    good = planted_output(
+        np.array([[1.0, 2.0, -3.0, 65504.0], [0.5, 0.25, 0, 1]]), [[0, 0, 4, 4], [1, 1, 9, 7]]
+    )
+    detector = PlantedDetector({10: good, 8: output})
+    chunk = ShardChunk("s", 0, (read_sample("ok", 10), read_sample("bad", 8)), MemberCounts(4, {}))
+    result = RegionRowBuilder(detector, box_source="detector", with_cls_prob=False).process(chunk)  # type: ignore[arg-type]
+    assert result.rows.column("key").to_pylist() == ["ok"]
+    validate_rows(result.rows, 4)
+    [error] = result.errors
+    assert (error.key, error.reason) == ("bad", "detector_output_invalid") and detail in error.detail
+    assert (result.members_used, result.members_in_errors) == (2, 2)
+    stored = np.asarray(result.rows.column("features").to_pylist()[0], dtype=np.float32)
+    assert stored.tolist() == [[1.0, 2.0, -3.0, 65504.0], [0.5, 0.25, 0.0, 1.0]]
