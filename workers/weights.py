@@ -1,8 +1,8 @@
 """Detector weights on disk: regionflow's own ``.safetensors`` state dicts, and their digest.
 
 The format is chosen by file suffix through ``_LOADERS``; the public bottom-up-attention checkpoints
-(``.pth`` / ``.pkl``, detectron2 naming) are a later addition there (a key map onto our names). Nothing is
-unpickled here.
+(``.pth`` / ``.pt`` / ``.pkl``, detectron2 naming) go through the key map of ``workers.butd_checkpoint``
+(torch tensors with ``weights_only=True``, pickles through the restricted unpickler).
 """
 
 from __future__ import annotations
@@ -23,7 +23,16 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path), device="cpu")
 
 
-_LOADERS: dict[str, Callable[[Path], dict[str, torch.Tensor]]] = {".safetensors": _load_safetensors}
+def _load_butd(path: Path) -> dict[str, torch.Tensor]:
+    from workers.butd_checkpoint import load_butd_checkpoint  # imports workers.detector: lazy (no cycle)
+
+    return load_butd_checkpoint(path)
+
+
+_LOADERS: dict[str, Callable[[Path], dict[str, torch.Tensor]]] = {
+    ".safetensors": _load_safetensors,
+    **dict.fromkeys((".pth", ".pt", ".pkl"), _load_butd),  # bottom-up-attention, workers/butd_checkpoint.py
+}
 
 
 def supported_suffixes() -> tuple[str, ...]:
@@ -36,7 +45,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
 
     Args:
         model: the module whose state-dict names the file uses.
-        path: a ``.safetensors`` file.
+        path: a ``.safetensors`` file, or a bottom-up-attention ``.pth`` / ``.pt`` / ``.pkl`` checkpoint.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
