@@ -244,13 +244,19 @@ def test_live_lock_refused(store: Path, shards: list[str], capsys) -> None:
 
 
 def test_optional_captions_keep_captionless_images(shards: list[str], tmp_path: Path) -> None:
+    vocab = DATA / "butd-vocab"
     config = ExtractConfig(detector="tiny", detector_threads=1, num_boxes=12, captions="optional",
-                           boxes="fixed")  # fmt: skip
+                           vocab=str(vocab) if vocab.is_dir() else None)  # fmt: skip
     summary = extract([shards[1]], str(tmp_path / "store"), config)
     assert (summary.rows, summary.error_rows_by_reason) == (4, {"image_undecodable": 1})
     rows = StoreReader(str(tmp_path / "store")).table("sa-001").to_pylist()
     b3 = next(r for r in rows if r["key"] == "b3")
     assert b3["captions"] == [] and b3["input_ids"] == []
+    if config.vocab:  # class index i + 1 is line i of objects_vocab.txt
+        names = manifest_of(tmp_path / "store")["vocabularies"]
+        lines = (vocab / "objects_vocab.txt").read_text().splitlines()
+        assert (len(names["objects"]), len(names["attributes"]), names["first_index"]) == (1600, 400, 1)
+        assert names["objects"][0] == lines[0].strip() and names["objects"][-1] == lines[-1].strip()
 
 
 @pytest.mark.slow
