@@ -69,7 +69,9 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from pipelines.inflight import InFlightMeter
 from schemas.manifest import ShardAccounting, config_digest, new_manifest
+from schemas.reasons import ErrorReason
 from schemas.store import NUM_ATTRIBUTE_OUTPUTS, NUM_OBJECT_OUTPUTS, PARTS_DIR, SCHEMA_VERSION
 from workers.rows import ChunkRows, RegionRowBuilder, ShardChunk, shard_chunks
 from workers.store import (
@@ -99,6 +101,7 @@ ACTOR_MAX_RESTARTS = 4
 ACTOR_MAX_TASK_RETRIES = 4
 WAIT_TIMEOUT_S = 1.0
 DETECTOR_SEED = 0
+OBJECT_STORE_ENV_PREFIX = "AWS_"  # forwarded to read tasks of s3:// shards (read_task_runtime_env)
 
 EXIT_OK, EXIT_REFUSED, EXIT_FAILED_SHARDS = 0, 1, 2
 VOCAB_FILES = {"objects": "objects_vocab.txt", "attributes": "attributes_vocab.txt"}
@@ -453,6 +456,7 @@ class DetectorPool:
         self.spec, self.resources, self.fault = spec, resources, fault
         self.actors = [self._new_actor() for _ in range(count)]
         self.load = [0] * count
+        self.max_load = 0  # most unfinished calls one actor had (reported in the summary)
         self.calls: dict[ray.ObjectRef, int] = {}  # unfinished call -> actor index
 
     def _new_actor(self) -> Any:
@@ -478,6 +482,7 @@ class DetectorPool:
         index = min(range(len(self.actors)), key=lambda i: self.load[i])
         result = self.actors[index].process.remote(chunk_ref)
         self.load[index] += 1
+        self.max_load = max(self.max_load, self.load[index])
         self.calls[result] = index
         return result, index
 
@@ -515,7 +520,7 @@ class ShardRun:
     attempt: int
     stream: Any  # ray.ObjectRefGenerator
     writer: PartWriter
-    pending: deque[tuple[ray.ObjectRef, int]] = field(default_factory=deque)
+    pending: deque[tuple[ray.ObjectRef, int, int]] = field(default_factory=deque)  # call, actor, meter token
     exhausted: bool = False
     buffered: list[pa.Table] = field(default_factory=list)
     buffered_rows: int = 0
@@ -546,6 +551,9 @@ class ExtractSummary:
     device: str = ""
     detector_threads: int = 0
     stray_temporaries_removed: int = 0
+    max_batches_in_flight: int = 0  # chunks taken from the read streams and not yet written (driver)
+    max_images_in_flight: int = 0  # decoded images in those chunks
+    max_batches_per_actor: int = 0  # unfinished calls at one detector actor
 
     @property
     def exit_code(self) -> int:
@@ -575,6 +583,7 @@ class ShardScheduler:
         config: the run's ``ExtractConfig``.
         pool: the detector actors.
         summary: updated as shards commit or fail.
+        read_env: Ray ``runtime_env`` of the read tasks (``read_task_runtime_env``), or None.
     """
 
     def __init__(
@@ -585,11 +594,14 @@ class ShardScheduler:
         config: ExtractConfig,
         pool: DetectorPool,
         summary: ExtractSummary,
+        read_env: dict[str, Any] | None = None,
     ) -> None:
         self.location, self.digest, self.feature_dim = location, digest, feature_dim
         self.config, self.pool, self.summary = config, pool, summary
+        self.read_task = read_shard_task.options(runtime_env=read_env)
         self.reader_config = config.reader_config()
         self.active: list[ShardRun] = []
+        self.meter = InFlightMeter()
         self.progress = _progress_bar()
 
     def run(self, urls: list[str]) -> None:
@@ -603,12 +615,16 @@ class ShardScheduler:
             if not progressed:
                 self._wait()
         self.progress.close()
+        self.meter.close()
+        self.summary.max_batches_in_flight = self.meter.max_batches
+        self.summary.max_images_in_flight = self.meter.max_images
+        self.summary.max_batches_per_actor = self.pool.max_load
 
     def _start(self, url: str, attempt: int) -> ShardRun:
         from workers.reader import shard_id_of
 
         shard = shard_id_of(url)
-        stream = read_shard_task.remote(
+        stream = self.read_task.remote(
             url, self.reader_config, self.config.tokenizer, self.config.max_tokens, self.config.batch_size
         )
         writer = PartWriter(self.location, shard, self.feature_dim, self.digest)
@@ -627,7 +643,7 @@ class ShardScheduler:
                 except StopIteration:
                     run.exhausted = True
                     break
-                run.pending.append(self.pool.submit(chunk_ref))
+                run.pending.append((*self.pool.submit(chunk_ref), self.meter.take()))
                 progressed = True
         return progressed
 
@@ -637,8 +653,11 @@ class ShardScheduler:
         for run in list(self.active):
             try:
                 while run.pending and ray.wait([run.pending[0][0]], timeout=0)[0]:
-                    ref, actor_index = run.pending.popleft()
-                    self._apply(run, self._get(ref, actor_index))
+                    ref, actor_index, token = run.pending[0]
+                    result = self._get(ref, actor_index)
+                    run.pending.popleft()
+                    self.meter.leave(token, _images_in(result))
+                    self._apply(run, result)
                     progressed = True
                 if run.exhausted and not run.pending:
                     self._commit(run)
@@ -710,6 +729,8 @@ class ShardScheduler:
 
     def _attempt_failed(self, run: ShardRun, exc: BaseException) -> None:
         message = _error_text(exc)
+        for _, _, token in run.pending:  # results never fetched: count them as full batches
+            self.meter.leave(token, self.config.batch_size)
         run.writer.abort()
         ray.cancel(run.stream, force=False)
         index = self.active.index(run)
@@ -723,9 +744,12 @@ class ShardScheduler:
         self._show_progress()
 
     def _wait(self) -> None:
-        """Block until a stream has a chunk or a detector call finishes (or ``WAIT_TIMEOUT_S``)."""
-        waitables: list[Any] = [run.stream for run in self.active if not run.exhausted]
-        waitables += list(self.pool.calls)
+        """Block until a detector call finishes or, when a detector slot is free, a stream has a chunk (or
+        ``WAIT_TIMEOUT_S``). A stream with a chunk ready while every slot is busy must not wake the loop:
+        that would spin the driver."""
+        waitables: list[Any] = list(self.pool.calls)
+        if self.pool.has_room():
+            waitables += [run.stream for run in self.active if not run.exhausted]
         if waitables:
             ray.wait(waitables, num_returns=1, timeout=WAIT_TIMEOUT_S)
 
@@ -736,6 +760,12 @@ class ShardScheduler:
             failed=len(s.failed_shards),
             errors=s.error_rows,
         )
+
+
+def _images_in(result: ChunkRows) -> int:
+    """Decoded images a chunk held: its rows and the images the detector's output check rejected."""
+    rejected = sum(error.reason == ErrorReason.DETECTOR_OUTPUT_INVALID for error in result.errors)
+    return result.rows.num_rows + rejected
 
 
 def _progress_bar() -> Any:
@@ -775,6 +805,7 @@ def extract(
 
     started_utc = _utc_now()
     urls = [_absolute(url) for url in expand_shard_urls(list(shard_urls))]
+    read_env = read_task_runtime_env(urls)
     vocabularies = load_vocabularies(config.vocab) if config.vocab else None
     location = StoreLocation.parse(out)
     _refuse_foreign_directory(location)
@@ -797,7 +828,9 @@ def extract(
             )
             pool = DetectorPool(spec, resources, config.detectors, fault)
             warm = [
-                warm_read_worker_task.remote(config.tokenizer, config.max_tokens)
+                warm_read_worker_task.options(runtime_env=read_env).remote(
+                    config.tokenizer, config.max_tokens
+                )
                 for _ in range(config.shards_in_flight)
             ]
             info = pool.describe()
@@ -817,7 +850,7 @@ def extract(
             todo = [url for url in urls if not _is_done(location, url, digest)]
             summary.shards_skipped = len(urls) - len(todo)
             t1 = time.perf_counter()
-            ShardScheduler(location, digest, info.feature_dim, config, pool, summary).run(todo)
+            ShardScheduler(location, digest, info.feature_dim, config, pool, summary, read_env).run(todo)
             summary.processing_s = time.perf_counter() - t1 if todo else 0.0
             _finish_manifest(location, manifest, summary, config, urls, started_utc)
         finally:
@@ -864,6 +897,16 @@ def load_vocabularies(directory: str) -> dict[str, Any]:
             raise ValueError(f"{path}: {len(lines)} names, expected {expected[kind]}")
         out[kind] = lines
     return out
+
+
+def read_task_runtime_env(urls: list[str]) -> dict[str, Any] | None:
+    """Ray ``runtime_env`` for the read tasks: the driver's ``AWS_*`` variables (endpoint, region, credentials)
+    when a shard is on object storage, so that workers started before they were set (a Ray that was already
+    running, the nodes of a joined cluster) reach the same endpoint; None when no shard needs them."""
+    if not any("://" in url and not url.startswith("file://") for url in urls):
+        return None
+    env = {k: v for k, v in sorted(os.environ.items()) if k.startswith(OBJECT_STORE_ENV_PREFIX)}
+    return {"env_vars": env} if env else None
 
 
 def _absolute(url: str) -> str:
