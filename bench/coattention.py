@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import statistics
 import sys
@@ -89,20 +90,28 @@ def block_step(block: torch.nn.Module, core: Callable, states: dict[str, torch.T
     return [out.visual.detach(), out.text.detach()]
 
 
-def timed(fn: Callable[[], object], device: torch.device, repeats: int, warmup: int = 3) -> list[float]:
-    """Wall-clock seconds of ``fn`` per repeat (CUDA synchronised)."""
-    for _ in range(warmup):
-        fn()
-    seconds = []
-    for _ in range(repeats):
+def timed_pair(
+    ours: Callable[[], object],
+    reference: Callable[[], object],
+    device: torch.device,
+    repeats: int,
+    warmup: int = 2,
+) -> tuple[list[float], list[float]]:
+    """Wall-clock seconds per repeat of ``ours`` and ``reference``, interleaved (so load drift hits both alike)."""
+
+    def once(fn: Callable[[], object]) -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
         fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        seconds.append(time.perf_counter() - start)
-    return seconds
+        return time.perf_counter() - start
+
+    for _ in range(warmup):
+        ours(), reference()
+    pairs = [(once(ours), once(reference)) for _ in range(repeats)]
+    return [a for a, _ in pairs], [b for _, b in pairs]
 
 
 def max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
@@ -116,6 +125,7 @@ def machine(device: torch.device) -> dict[str, object]:
         cpu_count=torch.multiprocessing.cpu_count(),
         torch_threads=torch.get_num_threads(),
         device=str(device),
+        load_average_1m=os.getloadavg()[0],  # the machine may be shared: compare ratios, not times
     )
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
@@ -131,8 +141,12 @@ def bench_core(device: torch.device, repeats: int) -> dict[str, Any]:
         raise RuntimeError(
             f"attention core differs from the reference: outputs {diff_out}, grads {diff_grad}"
         )
-    ours = timed(lambda: core_step(coattention.attention_core, x), device, repeats)
-    ref = timed(lambda: core_step(reference_core, x), device, repeats)
+    ours, ref = timed_pair(
+        lambda: core_step(coattention.attention_core, x),
+        lambda: core_step(reference_core, x),
+        device,
+        repeats,
+    )
     ratio = statistics.median(ref) / statistics.median(ours)
     return dict(
         ours_s=ours, reference_s=ref, ratio=ratio, max_abs_diff_out=diff_out, max_abs_diff_grad=diff_grad
@@ -155,8 +169,12 @@ def bench_block(device: torch.device, repeats: int) -> dict[str, Any]:
     diff = max_diff(
         block_step(block, coattention.attention_core, states), block_step(block, reference_core, states)
     )
-    ours = timed(lambda: block_step(block, coattention.attention_core, states), device, repeats)
-    ref = timed(lambda: block_step(block, reference_core, states), device, repeats)
+    ours, ref = timed_pair(
+        lambda: block_step(block, coattention.attention_core, states),
+        lambda: block_step(block, reference_core, states),
+        device,
+        repeats,
+    )
     ratio = statistics.median(ref) / statistics.median(ours)
     return dict(ours_s=ours, reference_s=ref, ratio=ratio, max_abs_diff_out=diff)
 
