@@ -467,7 +467,7 @@ def _calibration_image(config: DetectorConfig, gen: torch.Generator) -> torch.Te
     return image - torch.tensor(config.pixel_means_bgr).view(1, 3, 1, 1)
 
 
-def _calibration_rois(config: DetectorConfig, gen: torch.Generator, count: int = 32) -> torch.Tensor:
+def _calibration_rois(config: DetectorConfig, gen: torch.Generator, count: int = 8) -> torch.Tensor:
     """Seeded boxes float32 ``[count, 4]`` ``xyxy`` inside the calibration image, 16 px to full size."""
     side = float(config.init_calibration_size_px)
     corner = torch.rand(count, 2, generator=gen) * (side - config.feature_stride_px)
