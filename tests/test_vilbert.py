@@ -266,3 +266,26 @@ def test_packaged_checkpoint_text_stream_equals_bert():
         want = bert(input_ids=batch.input_ids, attention_mask=batch.token_mask.long()).last_hidden_state
     torch.testing.assert_close(ours[batch.token_mask], want[batch.token_mask], atol=1e-4, rtol=1e-4)
     assert model.text_hidden == 384 and len(model.bert.encoder.layer) == 2
+
+
+def test_pretrain_with_nothing_masked_is_finite(tiny_config):
+    config = ModelConfig.tiny(feature_dim=FEATURE_DIM, mlm_probability=0.0, mrm_probability=0.0)
+    model = TaskModel(config).train()
+    for cls_prob in (False, True):
+        out = model.losses(make_batch(cls_prob=cls_prob), "pretrain", torch.Generator().manual_seed(0))
+        assert out.parts["mlm"] == 0.0 and out.parts["mrm"] == 0.0 and torch.isfinite(out.total)
+        model.zero_grad()
+        out.total.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_batch_helpers():
+    batch = make_batch()
+    moved = batch.to("cpu")
+    assert moved is not batch and torch.equal(moved.features, batch.features) and moved.cls_prob is None
+    with pytest.raises(ValueError, match="no field"):
+        batch.replace(pixels=torch.zeros(1))
+    with pytest.raises(ValueError, match="CLS"):
+        batch.replace(token_mask=torch.zeros_like(batch.token_mask)).validate()
+    with pytest.raises(ValueError, match="input_ids"):
+        batch.replace(input_ids=batch.input_ids.int()).validate()
