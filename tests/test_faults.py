@@ -1,0 +1,399 @@
+"""Fault tolerance of ``regionflow extract``: nothing lost, nothing duplicated (DESIGN §5, §9).
+
+Real faults on the real Ray runtime: a detector actor SIGKILLed mid-shard, the driver SIGKILLed mid-run
+and rerun, a node of a multi-node ``ray.cluster_utils.Cluster`` removed while shards are in flight, a shard
+whose reader fails every attempt. Each faulty store must satisfy ``assert_store_invariants`` and be
+byte-identical (parts, error tables, markers; manifest without ``runs``) to an uninterrupted run's.
+Also: refusals that write nothing, the store lock (live and stale), the bound on batches and images in
+flight.
+
+Runs that must be killed from outside run the CLI in a subprocess (``python -m pipelines.cli extract``) with
+its own ``ray.init``; the others use the session's Ray runtime (``ray_session``). A process is only ever
+killed by pid, and only processes this test started (descendants of this process or of its subprocess).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+from invariants import (
+    assert_store_invariants,
+    assert_stores_identical,
+    part_files,
+    read_manifest_file,
+    store_snapshot,
+)
+from tarfactory import make_jpeg, simple_sample
+
+from pipelines import cli
+from pipelines.extract import (
+    ACTOR_QUEUE_DEPTH,
+    SHARD_ATTEMPTS,
+    ExtractConfig,
+    FaultInjection,
+    extract,
+)
+from pipelines.inflight import InFlightMeter
+from schemas.store import LOCK_FILE, MANIFEST_FILE, MARKER_SUFFIX, PARTS_DIR
+from workers.tar_writer import write_tar
+
+REPO = Path(__file__).resolve().parents[1]
+SHARD_IDS = ("ft-000", "ft-001", "ft-002")
+SAMPLES_PER_SHARD = 10  # 9 good images + 1 undecodable one per shard
+NUM_BOXES = 6
+CLI_FLAGS = ["--config", "tiny", "--num-boxes", str(NUM_BOXES), "--detector-threads", "1"]
+REFERENCE = ExtractConfig(detector="tiny", num_boxes=NUM_BOXES, detector_threads=1, batch_size=3)
+# Faulty runs go one shard at a time, one image per batch: the fault lands while later shards wait.
+SLOW_FLAGS = [*CLI_FLAGS, "--batch-size", "1", "--shards-in-flight", "1"]
+SLOW = ExtractConfig(
+    detector="tiny", num_boxes=NUM_BOXES, detector_threads=1, batch_size=1, shards_in_flight=1
+)
+POLL_S = 0.01
+HUGE_IMAGES = 200
+RUN_TIMEOUT_S = 150  # a subprocess extract: Ray start-up + detector build on a busy 2-core machine
+DETECTOR_TITLE = "ray::DetectorActor"  # Ray's process title of a detector actor worker
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def markers(store: Path) -> int:
+    parts = store / PARTS_DIR
+    return len(list(parts.glob(f"*{MARKER_SUFFIX}"))) if parts.is_dir() else 0
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(POLL_S)
+
+
+def ray_processes(root_pid: int, title: str) -> list[psutil.Process]:
+    """Live descendants of ``root_pid`` whose process title starts with ``title``."""
+    found = []
+    for proc in psutil.Process(root_pid).children(recursive=True):
+        try:
+            if proc.cmdline()[:1] and proc.cmdline()[0].startswith(title):
+                found.append(proc)
+        except (psutil.NoSuchProcess, psutil.ZombieProcess, psutil.AccessDenied):
+            continue
+    return found
+
+
+def kill_leftovers(processes: list[psutil.Process]) -> None:
+    """SIGKILL those of ``processes`` (all started by this test) that outlived their parent."""
+    for proc in processes:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            continue
+    psutil.wait_procs(processes, timeout=10)
+
+
+def extract_args(shards: list[str], out: Path, flags: list[str]) -> list[str]:
+    return ["extract", *shards, "--out", str(out), *flags]
+
+
+def start_extract(args: list[str], logs: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``regionflow extract`` in its own process (its own ``ray.init``), output into ``logs``.*."""
+    with open(logs.with_suffix(".out"), "wb") as out, open(logs.with_suffix(".err"), "wb") as err:
+        return subprocess.Popen(
+            [sys.executable, "-m", "pipelines.cli", *args],
+            cwd=REPO,
+            stdout=out,
+            stderr=err,
+            env={**os.environ, **(env or {})},
+        )
+
+
+def stderr_of(logs: Path) -> str:
+    return logs.with_suffix(".err").read_text(errors="replace")[-4000:]
+
+
+class Killer(threading.Thread):
+    """Once ``ready()`` holds, SIGKILL the processes ``victims()`` returns; records what it killed and how
+    many markers the store had at that moment."""
+
+    def __init__(
+        self, ready: Callable[[], bool], victims: Callable[[], list[psutil.Process]], store: Path
+    ) -> None:
+        super().__init__(daemon=True)
+        self.ready, self.victims, self.store = ready, victims, store
+        self.killed: list[int] = []
+        self.markers_at_kill = -1
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            if self.ready():
+                targets = self.victims()
+                if targets:
+                    self.markers_at_kill = markers(self.store)
+                    for proc in targets:
+                        proc.send_signal(signal.SIGKILL)
+                        self.killed.append(proc.pid)
+                    return
+            time.sleep(POLL_S)
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Three shards of 9 good samples (32-64 px JPEGs) + one undecodable image; ft-001 also holds a member
+    of an unknown extension (ignored, counted)."""
+    root = tmp_path_factory.mktemp("fault-shards")
+    urls = []
+    for s, shard in enumerate(SHARD_IDS):
+        members = []
+        for k in range(SAMPLES_PER_SHARD - 1):
+            members += simple_sample(f"k{k:02d}", seed=100 * s + k, size=32 + 8 * (k % 5))
+        broken = make_jpeg(40, 40, seed=s)
+        members += [("k99.jpg", broken[: len(broken) // 3]), ("k99.txt", b"a cut picture")]
+        if s == 1:
+            members.append(("k99.cls", b"7"))
+        write_tar(root / f"{shard}.tar", members)
+        urls.append(str(root / f"{shard}.tar"))
+    return urls
+
+
+@pytest.fixture(scope="module")
+def reference(shards: list[str], tmp_path_factory: pytest.TempPathFactory, ray_session: object) -> Path:
+    """The uninterrupted run every faulty run must match byte for byte."""
+    out = tmp_path_factory.mktemp("fault-reference") / "store"
+    summary = extract(shards, str(out), REFERENCE)
+    assert summary.exit_code == 0 and summary.rows == 3 * (SAMPLES_PER_SHARD - 1), summary
+    assert summary.error_rows_by_reason == {"image_undecodable": 3}
+    assert_store_invariants(out)
+    return out
+
+
+@pytest.fixture
+def own_processes() -> Iterator[list[psutil.Process]]:
+    """Processes a test starts outside the session runtime; whatever is still alive at the end is killed."""
+    started: list[psutil.Process] = []
+    yield started
+    kill_leftovers(started)
+
+
+# ------------------------------------------------------------------------------------- the invariant itself
+
+
+def test_invariants_catch_damaged_stores(reference: Path, tmp_path: Path) -> None:
+    """``assert_store_invariants`` / ``assert_stores_identical`` fail on each kind of damage."""
+
+    def damaged(name: str, damage: Callable[[Path], None]) -> Path:
+        copy = tmp_path / name
+        shutil.copytree(reference, copy)
+        damage(copy / PARTS_DIR)
+        return copy
+
+    def flip_byte(parts: Path) -> None:
+        path = parts / "ft-001.arrow"
+        data = bytearray(path.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        path.write_bytes(bytes(data))
+
+    cases = {
+        "stray-tmp": lambda p: (p / "ft-003.arrow.tmp").write_bytes(b"half"),
+        "flipped-byte": flip_byte,
+        "no-marker": lambda p: (p / "ft-002.done.json").unlink(),
+        "copied-shard": lambda p: (p / "ft-009.arrow").write_bytes((p / "ft-000.arrow").read_bytes()),
+        "lock-left": lambda p: (p.parent / LOCK_FILE).write_text("{}"),
+    }
+    for name, damage in cases.items():
+        copy = damaged(name, damage)
+        with pytest.raises(AssertionError):
+            assert_store_invariants(copy)
+        with pytest.raises(AssertionError):
+            assert_stores_identical(copy, reference) if name != "lock-left" else _raise()
+    assert_stores_identical(reference, reference)
+
+
+def _raise() -> None:
+    raise AssertionError("the lock file is not part of a store's contents")
+
+
+# ----------------------------------------------------------------------------------------------- faults
+
+
+def test_sigkilled_detector_actor(
+    reference: Path, shards: list[str], tmp_path: Path, ray_session: object
+) -> None:
+    """Fault 1: the detector actor's process is SIGKILLed once shard 0 is committed and before the last:
+    Ray restarts the actor and re-runs its batches; the store is byte-identical to the reference."""
+    out = tmp_path / "store"
+    me = os.getpid()
+    earlier = {p.pid for p in ray_processes(me, DETECTOR_TITLE)}  # actors of earlier tests, if still dying
+    killer = Killer(
+        ready=lambda: markers(out) >= 1,
+        victims=lambda: [p for p in ray_processes(me, DETECTOR_TITLE) if p.pid not in earlier],
+        store=out,
+    )
+    killer.start()
+    try:
+        summary = extract(shards, str(out), SLOW)
+    finally:
+        killer.stop.set()
+        killer.join()
+    assert len(killer.killed) == 1, "the detector actor was not found or the run ended first"
+    assert 1 <= killer.markers_at_kill < len(shards), killer.markers_at_kill
+    assert summary.exit_code == 0 and summary.failed_shards == [], summary
+    assert_store_invariants(out)
+    assert_stores_identical(out, reference)
+
+
+def test_sigkilled_driver_concurrent_run_and_rerun(
+    reference: Path, shards: list[str], tmp_path: Path, capsys, ray_session: object, own_processes
+) -> None:
+    """Fault 2 and the lock: a run is frozen (SIGSTOP) after its first shard commits; a second run on the
+    same store is refused and writes nothing; the first run is SIGKILLed; the same command run again
+    treats the lock as stale, skips the committed shard, and ends byte-identical to the reference."""
+    out = tmp_path / "store"
+    args = extract_args(shards, out, SLOW_FLAGS)
+    proc = start_extract(args, tmp_path / "killed")
+    try:
+        wait_for(lambda: markers(out) >= 1 or proc.poll() is not None, RUN_TIMEOUT_S, "shard 0's marker")
+        os.kill(proc.pid, signal.SIGSTOP)
+        assert proc.poll() is None, stderr_of(tmp_path / "killed")
+        own_processes.extend(psutil.Process(proc.pid).children(recursive=True))
+        committed = markers(out)
+        assert 1 <= committed < len(shards), committed
+        before = store_snapshot(out)
+        assert cli.main(args) == 1  # the second, concurrent run
+        assert f"being written by pid {proc.pid}" in capsys.readouterr().err
+        assert store_snapshot(out) == before
+    finally:
+        proc.kill()  # SIGKILL, also ends a stopped process
+        proc.wait()
+    lock = json.loads((out / LOCK_FILE).read_text())
+    assert lock["pid"] == proc.pid  # left behind by the killed run
+    assert cli.main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["shards_skipped"], summary["shards_done"]) == (committed, len(shards) - committed)
+    assert_store_invariants(out)
+    assert_stores_identical(out, reference)
+
+
+def test_failing_shard_is_retried_then_reported(
+    reference: Path, shards: list[str], tmp_path: Path, capsys, caplog, ray_session: object
+) -> None:
+    """Fault 4: a shard that is not a tar fails every attempt: SHARD_ATTEMPTS tries, then a failed shard
+    (no part, no marker, in the summary and the manifest); the other shards complete; exit code 2."""
+    junk = tmp_path / "junk-001.tar"
+    junk.write_bytes(os.urandom(3000))
+    out = tmp_path / "store"
+    caplog.set_level(logging.WARNING, logger="pipelines.extract")
+    code = cli.main(extract_args([shards[0], str(junk), *shards[1:]], out, CLI_FLAGS))
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 2 and summary["exit_code"] == 2
+    assert [f["shard"] for f in summary["failed_shards"]] == ["junk-001"]
+    assert "not a readable tar" in summary["failed_shards"][0]["error"]
+    assert [f["shard"] for f in read_manifest_file(out)["failed_shards"]] == ["junk-001"]
+    retries = [r for r in caplog.records if "junk-001" in r.getMessage() and "retrying" in r.getMessage()]
+    assert len(retries) == SHARD_ATTEMPTS - 1
+    assert (summary["shards_done"], summary["rows"]) == (len(shards), reference_rows(reference))
+    assert_store_invariants(out)
+    assert part_files(out) == part_files(reference)
+
+
+def reference_rows(reference: Path) -> int:
+    from workers.store import StoreReader
+
+    reader = StoreReader(str(reference))
+    return sum(reader.marker(s).rows for s in reader.shards())
+
+
+# ---------------------------------------------------------------------------------------------- refusals
+
+
+@pytest.mark.parametrize("case", ["random-file", "random-parts-file", "schema-version-2"])
+def test_foreign_store_refused_and_untouched(
+    case: str, reference: Path, shards: list[str], tmp_path: Path, capsys
+) -> None:
+    out = tmp_path / "out"
+    if case == "random-file":
+        out.mkdir()
+        (out / "data.bin").write_bytes(os.urandom(100))
+    elif case == "random-parts-file":
+        (out / PARTS_DIR).mkdir(parents=True)
+        (out / PARTS_DIR / "x.arrow").write_bytes(os.urandom(100))
+    else:
+        shutil.copytree(reference, out)
+        manifest = json.loads((out / MANIFEST_FILE).read_text())
+        (out / MANIFEST_FILE).write_text(json.dumps({**manifest, "schema_version": 2}))
+    before = store_snapshot(out)
+    assert cli.main(extract_args(shards, out, CLI_FLAGS)) == 1
+    err = capsys.readouterr().err
+    expected = "schema version 2" if case == "schema-version-2" else "not a regionflow store"
+    assert expected in err, err
+    assert store_snapshot(out) == before
+
+
+# ------------------------------------------------------------------------------------------ memory bound
+
+
+def test_in_flight_meter_matches_a_brute_force_count() -> None:
+    """``InFlightMeter`` against a count over every moment, on seeded random take/leave sequences."""
+    rng = random.Random(5)
+    for _ in range(200):
+        meter, open_batches, timeline = InFlightMeter(), [], []
+        for _ in range(rng.randrange(1, 30)):
+            if open_batches and rng.random() < 0.5:
+                token = open_batches.pop(rng.randrange(len(open_batches)))
+                images = rng.randrange(0, 5)
+                meter.leave(token, images)
+                timeline.append(("leave", token, images))
+            else:
+                open_batches.append(meter.take())
+                timeline.append(("take", open_batches[-1], 0))
+        for token in open_batches:
+            meter.leave(token, 2)
+            timeline.append(("leave", token, 2))
+        meter.close()
+        images_of = {token: n for kind, token, n in timeline if kind == "leave"}
+        level = batches = max_images = max_batches = 0
+        for kind, token, _ in timeline:
+            sign = 1 if kind == "take" else -1
+            level += sign * images_of[token]
+            batches += sign
+            max_images, max_batches = max(max_images, level), max(max_batches, batches)
+        assert (meter.max_images, meter.max_batches) == (max_images, max_batches), timeline
+
+
+def test_huge_shard_stays_within_the_in_flight_bounds(tmp_path: Path, ray_session: object) -> None:
+    """A 200-image shard through 2 detector actors, one of which dies on its 4th batch (its queue stalls
+    while the other actor goes on): batches and images in flight never exceed the documented bounds
+    (``detectors x ACTOR_QUEUE_DEPTH`` batches of at most ``batch_size`` images; ``ACTOR_QUEUE_DEPTH``
+    per actor)."""
+    members = [m for k in range(HUGE_IMAGES) for m in simple_sample(f"h{k:03d}", seed=k, size=32)]
+    write_tar(tmp_path / "huge-000.tar", members)
+    config = ExtractConfig(
+        detector="tiny", num_boxes=NUM_BOXES, detector_threads=1, batch_size=2, detectors=2
+    )
+    fault = FaultInjection(shard="huge-000", chunk_index=3, once_file=str(tmp_path / "died"))
+    out = tmp_path / "store"
+    summary = extract([str(tmp_path / "huge-000.tar")], str(out), config, fault=fault)
+    assert (tmp_path / "died").exists()
+    assert summary.exit_code == 0 and summary.rows == HUGE_IMAGES, summary
+    batches_bound = config.detectors * ACTOR_QUEUE_DEPTH
+    assert 1 <= summary.max_batches_in_flight <= batches_bound, summary
+    assert 1 <= summary.max_images_in_flight <= batches_bound * config.batch_size, summary
+    assert 1 <= summary.max_batches_per_actor <= ACTOR_QUEUE_DEPTH, summary
+    assert_store_invariants(out)
