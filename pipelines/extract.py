@@ -18,8 +18,12 @@ Data flow and the bounds that keep memory flat::
     ROWS_PER_RECORD_BATCH rows per Arrow record batch, so the part bytes do not depend on --batch-size),
     then commits the shard (error table, done marker).
 
-So at any time the run holds at most ``shards_in_flight × GENERATOR_BACKPRESSURE`` chunks waiting and
-``detectors × ACTOR_QUEUE_DEPTH`` chunks at the detectors, however large a shard or the corpus.
+So at any time the run holds at most ``shards_in_flight × GENERATOR_BACKPRESSURE`` chunks waiting in the
+read tasks and ``detectors × ACTOR_QUEUE_DEPTH`` chunks taken from the streams and not yet written (at the
+detectors, or finished out of order and waiting for their turn: they count until written, so results cannot
+pile up behind a slow or restarting actor), each of at most ``batch_size`` images, however large a shard or
+the corpus. The summary reports the driver-measured maxima (``max_batches_in_flight``,
+``max_images_in_flight``, ``max_batches_per_actor``).
 
 Determinism: an image's features depend only on the image (the detector pads it to a canvas chosen from its
 own size, and a chunk's images are batched per bucket), and rows are written in source order by the driver,
@@ -478,6 +482,11 @@ class DetectorPool:
     def has_room(self) -> bool:
         return min(self.load) < ACTOR_QUEUE_DEPTH
 
+    @property
+    def capacity(self) -> int:
+        """Chunks the run may hold between its read streams and the store: ``ACTOR_QUEUE_DEPTH`` per actor."""
+        return len(self.actors) * ACTOR_QUEUE_DEPTH
+
     def submit(self, chunk_ref: ray.ObjectRef) -> tuple[ray.ObjectRef, int]:
         index = min(range(len(self.actors)), key=lambda i: self.load[i])
         result = self.actors[index].process.remote(chunk_ref)
@@ -634,7 +643,7 @@ class ShardScheduler:
         """Hand ready chunks to free detector slots, oldest shard first."""
         progressed = False
         for run in self.active:
-            while not run.exhausted and self.pool.has_room():
+            while not run.exhausted and self._has_room():
                 ready, _ = ray.wait([run.stream], timeout=0)
                 if not ready:
                     break
@@ -646,6 +655,10 @@ class ShardScheduler:
                 run.pending.append((*self.pool.submit(chunk_ref), self.meter.take()))
                 progressed = True
         return progressed
+
+    def _has_room(self) -> bool:
+        """A detector slot is free and fewer than ``pool.capacity`` chunks are taken and not yet written."""
+        return self.pool.has_room() and self.meter.in_flight < self.pool.capacity
 
     def _drain(self) -> bool:
         """Write finished chunk results in chunk order; commit finished shards; retry or fail broken ones."""
@@ -748,7 +761,7 @@ class ShardScheduler:
         ``WAIT_TIMEOUT_S``). A stream with a chunk ready while every slot is busy must not wake the loop:
         that would spin the driver."""
         waitables: list[Any] = list(self.pool.calls)
-        if self.pool.has_room():
+        if self._has_room():
             waitables += [run.stream for run in self.active if not run.exhausted]
         if waitables:
             ray.wait(waitables, num_returns=1, timeout=WAIT_TIMEOUT_S)
