@@ -265,22 +265,21 @@ class CaptionPairs:
         images: the store.
         image_indices: global indices of the images to use (e.g. a split).
         caption_targets: also set ``Sample.caption_ids`` (captioning).
+        max_caption_tokens: cut caption targets to this many ids, the final ``[SEP]`` kept (0 = no cut).
     """
 
     images: StoreImages
     image_indices: np.ndarray
     caption_targets: bool = False
+    max_caption_tokens: int = 0
     pair_image: np.ndarray = field(init=False)
     pair_caption: np.ndarray = field(init=False)
 
     def __post_init__(self) -> None:
         counts = self.images.num_captions()[self.image_indices]
         self.pair_image = np.repeat(np.asarray(self.image_indices, dtype=np.int64), counts)
-        self.pair_caption = (
-            np.concatenate([np.arange(c) for c in counts]).astype(np.int64)
-            if counts.size
-            else (np.zeros(0, dtype=np.int64))
-        )
+        starts = np.cumsum(counts) - counts
+        self.pair_caption = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(starts, counts)
 
     def __len__(self) -> int:
         return int(self.pair_image.shape[0])
@@ -288,9 +287,11 @@ class CaptionPairs:
     def sample(self, item: int) -> Sample:
         image = int(self.pair_image[item])
         ids = self.images.caption_ids(image)[int(self.pair_caption[item])]
-        return Sample(
-            self.images.visual(image), ids, image, caption_ids=ids if self.caption_targets else None
-        )
+        target = None
+        if self.caption_targets:
+            m = self.max_caption_tokens
+            target = ids if m == 0 or len(ids) <= m else [*ids[: m - 1], ids[-1]]
+        return Sample(self.images.visual(image), ids, image, caption_ids=target)
 
 
 @dataclass

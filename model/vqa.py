@@ -421,3 +421,49 @@ def tokenize_questions(
         ids = list(encoding.ids)
         out.append(ids if len(ids) <= max_tokens else [*ids[: max_tokens - 1], ids[-1]])
     return out
+
+
+# ---------------------------------------------------------------------------------------- store splits
+@dataclass(frozen=True)
+class VqaSplit:
+    """The questions of one split and the global store index of each question's image (int64 ``[Q]``)."""
+
+    questions: list[VqaQuestion]
+    image_index: np.ndarray
+
+
+def image_index_by_id(image_ids: Sequence[int | None]) -> dict[int, int]:
+    """``{image_id: global image index}`` from the store's ``image_id`` column (nulls skipped).
+
+    Raises:
+        VqaDataError: an image_id that appears on more than one row (the join would be ambiguous).
+    """
+    index: dict[int, int] = {}
+    for i, image_id in enumerate(image_ids):
+        if image_id is None:
+            continue
+        if image_id in index:
+            raise VqaDataError(f"image_id {image_id} appears on store rows {index[image_id]} and {i}")
+        index[image_id] = i
+    return index
+
+
+def split_questions(
+    questions: Sequence[VqaQuestion], image_ids: Sequence[int | None], heldout_mask: np.ndarray
+) -> dict[str, VqaSplit]:
+    """Join questions to the store and split them by their image's split (``{"train": .., "heldout": ..}``).
+
+    Args:
+        image_ids: the store's ``image_id`` column in global index order.
+        heldout_mask: bool ``[num_images]``, True = held-out image (``model.data.StoreImages.split_mask``).
+
+    Raises:
+        VqaDataError: images absent from the store (see `join_to_store`) or duplicate store image ids.
+    """
+    image_index = join_to_store(questions, image_index_by_id(image_ids))
+    held = np.asarray(heldout_mask, dtype=bool)[image_index]
+    out = {}
+    for name, keep in (("train", ~held), ("heldout", held)):
+        chosen = np.flatnonzero(keep)
+        out[name] = VqaSplit([questions[i] for i in chosen], image_index[chosen])
+    return out

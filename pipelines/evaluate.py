@@ -1,0 +1,449 @@
+"""``regionflow evaluate RUN STORE``: held-out metrics of a trained run, written as a report (DESIGN §7).
+
+Evaluation runs in the driver process (no Ray workers): every held-out row is scored exactly once, whatever the
+number of training workers. The held-out split is the run's (``run.json``: holdout fraction and hash rule).
+
+Per ``--task``:
+    * retrieval / pretrain: retrieval recall@1/5/10 and median rank in both directions from matching logits of
+      every held-out caption against every held-out image (`model.metrics.retrieval_metrics`, pessimistic ties),
+      or, with ``--rerank-top K``, from the logits of each query's top K under the pooled-vector dot product
+      (the other candidates keep their first-stage order below the re-ranked ones; the report says so); and
+      matching accuracy of each held-out caption with its image and with one other held-out image drawn at
+      random (seeded), beside chance 0.5.
+    * vqa: official VQA accuracy of the held-out questions (those whose image is held out) beside the
+      majority-answer baseline per question type, fitted on the training-split questions of the same files.
+    * caption: BLEU-4 and CIDEr of one generated caption per held-out image (greedy, or ``--beam-size``).
+Efficiency (samples/s, per-batch latency p50/p95, peak memory) per phase.
+
+Controls: ``--shuffle-visual`` shows every held-out image the whole visual row (features, boxes, size) of another
+held-out image (a seeded derangement); ``--shuffle-features`` moves only the features. Their reports go to
+``RUN/eval-shuffle-visual`` / ``RUN/eval-shuffle-features`` unless ``--out`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.checkpoint import CheckpointError
+from model.data import CaptionPairs, Sample, StoreImages, collate
+from model.metrics import EfficiencyMeter
+from model.vqa import VqaDataError
+from schemas.store import StoreSchemaError
+
+log = logging.getLogger(__name__)
+
+EVAL_DIR = "eval"
+EXIT_BAD_INPUT = 2
+CONTROLS = ("none", "shuffle_visual", "shuffle_features")
+DEFAULT_EVAL_BATCH = 64
+CAPTION_PROMPT = (101, 102)  # [CLS] [SEP]: the text input of caption generation batches
+RERANK_MARGIN = 2.0  # non-re-ranked candidates sit this far below the lowest re-ranked logit
+
+
+class EvalInputError(ValueError):
+    """A run, store or argument that cannot be evaluated (the message says why)."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``regionflow evaluate`` (DESIGN §9)."""
+    parser.add_argument("run_dir", metavar="RUN", help="run directory written by regionflow train")
+    parser.add_argument("store", metavar="STORE", help="feature store")
+    parser.add_argument("--task", required=True, help="comma-separated: pretrain, retrieval, vqa, caption")
+    parser.add_argument(
+        "--rerank-top", type=int, default=0, help="re-rank only the top K of the pooled dot product"
+    )
+    parser.add_argument("--vqa-questions", default="")
+    parser.add_argument("--vqa-annotations", default="")
+    parser.add_argument(
+        "--shuffle-visual", action="store_true", help="control: permute visual rows across images"
+    )
+    parser.add_argument("--shuffle-features", action="store_true", help="control: permute only the features")
+    parser.add_argument(
+        "--checkpoint", default="", help="a training checkpoint to evaluate instead of RUN/model.pt"
+    )
+    parser.add_argument("--batch-size", type=int, default=DEFAULT_EVAL_BATCH)
+    parser.add_argument("--beam-size", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0, help="negatives and control permutations")
+    parser.add_argument("--out", default="", help="report directory (default RUN/eval[-control])")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``regionflow evaluate``; returns 0 or `EXIT_BAD_INPUT`."""
+    try:
+        out = evaluate(args)
+    except (EvalInputError, StoreSchemaError, VqaDataError, CheckpointError, FileNotFoundError) as exc:
+        log.error("evaluate: %s", exc)
+        return EXIT_BAD_INPUT
+    log.info("evaluate: report in %s", out)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- set-up
+def _parse_tasks(text: str) -> list[str]:
+    from model.tasks import TASKS
+
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    if not tasks or any(t not in TASKS for t in tasks):
+        raise EvalInputError(f"--task must list tasks from {TASKS}, got {text!r}")
+    return tasks
+
+
+def _control(args: argparse.Namespace) -> str:
+    if args.shuffle_visual and args.shuffle_features:
+        raise EvalInputError("--shuffle-visual and --shuffle-features are exclusive")
+    return (
+        "shuffle_visual" if args.shuffle_visual else "shuffle_features" if args.shuffle_features else "none"
+    )
+
+
+def load_trained_model(run_dir: Path, checkpoint: str, device: torch.device) -> tuple[Any, dict[str, Any]]:
+    """The run's model (``model.pt``, or ``checkpoint``) in eval mode, and ``run.json``.
+
+    Raises:
+        EvalInputError: no run.json or no model.pt.
+        CheckpointError: a model file or checkpoint of another model config than the run's.
+    """
+    from model.checkpoint import load_checkpoint, load_model
+    from model.config import ModelConfig
+    from model.tasks import TaskModel
+
+    run_file = run_dir / "run.json"
+    if not run_file.is_file():
+        raise EvalInputError(f"{run_file} does not exist: not a regionflow run directory")
+    run_info = json.loads(run_file.read_text())
+    config = ModelConfig.from_dict(run_info["model_config"])
+    if checkpoint:
+        state_dict = load_checkpoint(checkpoint, expected_config=config).model
+    else:
+        model_file = run_dir / "model.pt"
+        if not model_file.is_file():
+            raise EvalInputError(f"{model_file} does not exist: training did not finish (pass --checkpoint)")
+        state_dict = load_model(model_file, expected_config=config).state_dict
+    model = TaskModel(config)
+    model.load_state_dict(state_dict)
+    return model.to(device).eval(), run_info
+
+
+def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A permutation of ``range(n)`` without fixed points (n >= 2): a shuffled cycle."""
+    order = rng.permutation(n)
+    perm = np.empty(n, dtype=np.int64)
+    perm[order] = order[np.roll(np.arange(n), -1)]
+    return perm
+
+
+def controlled_images(images: StoreImages, heldout: np.ndarray, control: str, seed: int) -> StoreImages:
+    """The store as the model sees it under ``control``: held-out images' visual rows permuted among themselves."""
+    if control == "none":
+        return images
+    if len(heldout) < 2:
+        raise EvalInputError(f"--{control.replace('_', '-')} needs at least 2 held-out images")
+    perm = np.arange(images.num_images)
+    perm[heldout] = heldout[derangement(len(heldout), np.random.default_rng(seed))]
+    return images.with_visual_permutation(perm, features_only=control == "shuffle_features")
+
+
+# ------------------------------------------------------------------------------------------- scoring
+@dataclass
+class Scorer:
+    """Batched forward passes of a trained model over (text ids, image index) pairs, timed per phase."""
+
+    model: Any
+    images: StoreImages
+    device: torch.device
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        self.meters: dict[str, EfficiencyMeter] = {}
+
+    def _batches(self, pairs: Sequence[tuple[Sequence[int], int]]):
+        for start in range(0, len(pairs), self.batch_size):
+            chunk = pairs[start : start + self.batch_size]
+            yield collate([Sample(self.images.visual(i), ids, i) for ids, i in chunk]).to(self.device)
+
+    def _run(self, phase: str, pairs: Sequence[tuple[Sequence[int], int]], fn: Any) -> list[Any]:
+        meter = self.meters.setdefault(phase, EfficiencyMeter(device=self.device))
+        outputs = []
+        with (
+            torch.no_grad(),
+            torch.autocast(self.device.type, torch.bfloat16, enabled=self.device.type == "cuda"),
+        ):
+            for batch in self._batches(pairs):
+                with meter.batch(batch.batch_size):
+                    outputs.append(fn(batch))
+        return outputs
+
+    def match_logits(self, pairs: Sequence[tuple[Sequence[int], int]], phase: str) -> np.ndarray:
+        """float64 ``[len(pairs)]`` matching logits."""
+        out = self._run(phase, pairs, lambda b: self.model.match_logits(b).float().cpu())
+        return torch.cat(out).double().numpy() if out else np.zeros(0)
+
+    def pooled(self, pairs: Sequence[tuple[Sequence[int], int]], phase: str) -> tuple[np.ndarray, np.ndarray]:
+        """Pooled text and visual vectors ``[len(pairs), d]`` (unimodal: each ignores the other side)."""
+        out = self._run(phase, pairs, lambda b: self.model.pooled(b))
+        text = torch.cat([o.pooled_text.float().cpu() for o in out]).double().numpy()
+        visual = torch.cat([o.pooled_visual.float().cpu() for o in out]).double().numpy()
+        return text, visual
+
+    def efficiency(self) -> dict[str, Any]:
+        return {phase: m.report().to_dict() for phase, m in self.meters.items() if m.latencies_s}
+
+
+def retrieval_matrices(
+    scorer: Scorer, captions: list[tuple[Sequence[int], int]], columns: np.ndarray, rerank_top: int
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """Score matrices ``[C, I]`` for text->image and image->text ranking, and a sentence on how they were made.
+
+    Args:
+        captions: (ids, global image index) of every held-out caption.
+        columns: global image index of each matrix column.
+        rerank_top: 0 = every pair gets a matching logit; K > 0 = only each query's top K under the pooled dot
+            product (per caption for text->image, per image for image->text).
+    """
+    c, i = len(captions), len(columns)
+    if rerank_top <= 0:
+        pairs = [(ids, int(img)) for ids, _ in captions for img in columns]
+        full = scorer.match_logits(pairs, "retrieval_itm").reshape(c, i)
+        return full, full, f"matching logit of all {c} x {i} caption-image pairs"
+    first_caption = {img: ids for ids, img in reversed(captions)}
+    text, _ = scorer.pooled(captions, "retrieval_first_stage")
+    _, visual = scorer.pooled(
+        [(first_caption[int(img)], int(img)) for img in columns], "retrieval_first_stage"
+    )
+    stage1 = text @ visual.T
+    k_img, k_cap = min(rerank_top, i), min(rerank_top, c)
+    t2i_top = np.argsort(-stage1, axis=1, kind="stable")[:, :k_img]
+    i2t_top = np.argsort(-stage1.T, axis=1, kind="stable")[:, :k_cap]
+    cells = sorted(
+        {(r, int(col)) for r in range(c) for col in t2i_top[r]}
+        | {(int(r), col) for col in range(i) for r in i2t_top[col]}
+    )
+    logits = scorer.match_logits([(captions[r][0], int(columns[col])) for r, col in cells], "retrieval_itm")
+    value = dict(zip(cells, logits, strict=True))
+    base = stage1 + (min(logits) - RERANK_MARGIN - stage1.max())
+    t2i, i2t = base.copy(), base.copy()
+    for r in range(c):
+        t2i[r, t2i_top[r]] = [value[(r, int(col))] for col in t2i_top[r]]
+    for col in range(i):
+        i2t[i2t_top[col], col] = [value[(int(r), col)] for r in i2t_top[col]]
+    note = (
+        f"re-ranked: matching logits for the top {k_img} images per caption and top {k_cap} captions per image "
+        f"under the pooled-vector dot product ({len(cells)} of {c * i} pairs scored); the rest keep the first-stage "
+        "order below them"
+    )
+    return t2i, i2t, note
+
+
+def evaluate_retrieval(
+    scorer: Scorer, images: StoreImages, heldout: np.ndarray, rerank_top: int, seed: int
+) -> dict[str, Any]:
+    """Retrieval metrics and matching accuracy on the held-out images that have captions."""
+    from model.metrics import matching_metrics, retrieval_metrics
+
+    counts = images.num_captions()[heldout]
+    columns = heldout[counts > 0]
+    if len(columns) == 0:
+        raise EvalInputError("no held-out image has a caption: nothing to retrieve")
+    pairs = CaptionPairs(images, columns)
+    captions = [
+        (images.caption_ids(int(img))[int(k)], int(img))
+        for img, k in zip(pairs.pair_image, pairs.pair_caption, strict=True)
+    ]
+    col_of = {int(img): j for j, img in enumerate(columns)}
+    caption_col = np.array([col_of[img] for _, img in captions])
+    t2i, i2t, note = retrieval_matrices(scorer, captions, columns, rerank_top)
+    result: dict[str, Any] = {
+        "retrieval": {
+            "scoring": note,
+            "text_to_image": retrieval_metrics(t2i, caption_col).text_to_image.to_dict(),
+            "image_to_text": retrieval_metrics(i2t, caption_col).image_to_text.to_dict(),
+            "images_without_captions": int((counts == 0).sum()),
+        }
+    }
+    if len(columns) >= 2:
+        rng = np.random.default_rng(seed)
+        other = (caption_col + rng.integers(1, len(columns), size=len(captions))) % len(columns)
+        pos = scorer.match_logits(captions, "matching")
+        neg = scorer.match_logits(
+            [(ids, int(columns[o])) for (ids, _), o in zip(captions, other, strict=True)], "matching"
+        )
+        result["matching"] = matching_metrics(pos, neg).to_dict()
+    return result
+
+
+def evaluate_vqa(
+    scorer: Scorer,
+    run_info: dict[str, Any],
+    images: StoreImages,
+    held_mask: np.ndarray,
+    args: argparse.Namespace,
+    config: Any,
+) -> dict[str, Any]:
+    """Official VQA accuracy on held-out questions and the majority baseline fitted on training questions."""
+    from model.text_checkpoint import resolve_text_checkpoint
+    from model.vqa import (
+        MajorityBaseline,
+        load_tokenizer,
+        load_vqa,
+        split_questions,
+        tokenize_questions,
+        vqa_accuracy,
+    )
+
+    if not (args.vqa_questions and args.vqa_annotations):
+        raise EvalInputError("--task vqa needs --vqa-questions and --vqa-annotations")
+    vocab = (run_info.get("vqa") or {}).get("answer_vocab") or []
+    if not vocab or config.num_answers != len(vocab):
+        raise EvalInputError("this run was not trained for VQA (no answer vocabulary in run.json)")
+    parts = split_questions(load_vqa(args.vqa_questions, args.vqa_annotations), images.image_ids(), held_mask)
+    held = parts["heldout"]
+    if not held.questions:
+        raise EvalInputError("no VQA question names a held-out image: the held-out VQA split is empty")
+    max_tokens = run_info["train"].get("max_question_tokens", 23)
+    ids = tokenize_questions(
+        load_tokenizer(resolve_text_checkpoint(config.text_checkpoint)),
+        [q.question for q in held.questions],
+        max_tokens,
+    )
+    logits = scorer._run(
+        "vqa",
+        list(zip(ids, held.image_index.tolist(), strict=True)),
+        lambda b: scorer.model.vqa_logits(b).float().cpu(),
+    )
+    predictions = [vocab[j] for j in torch.cat(logits).argmax(dim=1).tolist()]
+    result = {"model": vqa_accuracy(held.questions, predictions).to_dict(), "answer_vocab_size": len(vocab)}
+    if parts["train"].questions:
+        baseline = MajorityBaseline.fit(parts["train"].questions)
+        result["baseline"] = vqa_accuracy(
+            held.questions, [baseline.predict(q) for q in held.questions]
+        ).to_dict()
+        result["baseline"]["kind"] = "most frequent training answer of the question type"
+    else:
+        result["baseline"] = {"overall": None, "per_question_type": {}, "kind": "no training-split questions"}
+    return result
+
+
+def evaluate_captions(
+    scorer: Scorer, images: StoreImages, heldout: np.ndarray, config: Any, beam_size: int
+) -> dict[str, Any]:
+    """BLEU-4 / CIDEr of one generated caption per held-out image with reference captions."""
+    from model.metrics import caption_metrics
+    from model.text_checkpoint import resolve_text_checkpoint
+    from model.vqa import load_tokenizer
+
+    columns = [int(i) for i in heldout if images.num_captions()[i] > 0]
+    if not columns:
+        raise EvalInputError("no held-out image has a reference caption")
+    max_tokens = config.max_caption_tokens - 2
+    generated = scorer._run(
+        "caption_generation",
+        [(CAPTION_PROMPT, i) for i in columns],
+        lambda b: scorer.model.generate_captions(b, max_tokens, beam_size),
+    )
+    tokenizer = load_tokenizer(resolve_text_checkpoint(config.text_checkpoint))
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for chunk in generated for ids in chunk]
+    refs = {str(i): images.captions(i) for i in columns}
+    metrics = caption_metrics(refs, dict(zip(refs, texts, strict=True))).to_dict()
+    metrics["decoding"] = "greedy" if beam_size == 1 else f"beam search, beam {beam_size}"
+    metrics["examples"] = [
+        {"image": images.identity(i), "generated": t, "reference": refs[str(i)][0]}
+        for i, t in list(zip(columns, texts, strict=True))[:5]
+    ]
+    return metrics
+
+
+# ------------------------------------------------------------------------------------------- driver
+def evaluate(args: argparse.Namespace) -> Path:
+    """Evaluate and write the report; returns the report directory.
+
+    Raises:
+        EvalInputError, StoreSchemaError, VqaDataError, CheckpointError, FileNotFoundError: bad input.
+    """
+    from model.data import HASH_RULE
+    from model.report import read_losses, write_report
+    from pipelines.train import manifest_digest
+    from workers.store import StoreReader
+
+    tasks, control = _parse_tasks(args.task), _control(args)
+    run_dir = Path(args.run_dir).resolve()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, run_info = load_trained_model(run_dir, args.checkpoint, device)
+    config = model.config
+    reader = StoreReader(args.store)
+    if reader.feature_dim != config.feature_dim:
+        raise EvalInputError(
+            f"store features have D={reader.feature_dim}, the model was trained on D={config.feature_dim}"
+        )
+    images = StoreImages(reader)
+    fraction = run_info["split"]["holdout_fraction"]
+    held_mask = images.split_mask(fraction)
+    heldout = np.flatnonzero(held_mask)
+    if len(heldout) == 0:
+        raise EvalInputError(
+            f"the held-out split is empty ({images.num_images} images, holdout fraction {fraction})"
+        )
+    seen = controlled_images(images, heldout, control, args.seed)
+    scorer = Scorer(model, seen, device, max(1, args.batch_size))
+    metrics: dict[str, Any] = {}
+    if {"retrieval", "pretrain"} & set(tasks):
+        metrics.update(evaluate_retrieval(scorer, seen, heldout, args.rerank_top, args.seed))
+    if "vqa" in tasks:
+        metrics["vqa"] = evaluate_vqa(scorer, run_info, seen, held_mask, args, config)
+    if "caption" in tasks:
+        metrics["caption"] = evaluate_captions(scorer, seen, heldout, config, args.beam_size)
+    notes = _notes(run_info, reader, control, args, manifest_digest(reader.manifest))
+    report = {
+        "run": str(run_dir),
+        "store": str(args.store),
+        "tasks": tasks,
+        "control": control,
+        "model": "checkpoint " + args.checkpoint if args.checkpoint else "model.pt",
+        "split": {
+            "holdout_fraction": fraction,
+            "hash_rule": HASH_RULE,
+            "images": int(len(heldout)),
+            "captions": int(images.num_captions()[heldout].sum()),
+        },
+        "metrics": metrics,
+        "efficiency": scorer.efficiency(),
+        "notes": notes,
+    }
+    default_dir = EVAL_DIR if control == "none" else f"{EVAL_DIR}-{control.replace('_', '-')}"
+    out = Path(args.out) if args.out else run_dir / default_dir
+    write_report(out, report, read_losses(run_dir / "losses.jsonl"))
+    return out
+
+
+def _notes(
+    run_info: dict[str, Any], reader: Any, control: str, args: argparse.Namespace, digest: str
+) -> list[str]:
+    notes = [
+        "Evaluation ran in the driver process (no Ray workers): every held-out row is scored exactly once."
+    ]
+    if digest != run_info["store"]["manifest_digest"]:
+        notes.append(
+            f"WARNING: the store's manifest digest {digest[:12]} differs from the training store's {run_info['store']['manifest_digest'][:12]}."
+        )
+    if control != "none":
+        what = (
+            "whole visual rows (features, boxes, sizes)"
+            if control == "shuffle_visual"
+            else "region features only"
+        )
+        notes.append(
+            f"CONTROL {control}: {what} permuted across held-out images (seeded derangement, seed {args.seed}); expect chance."
+        )
+    if args.rerank_top > 0:
+        notes.append(
+            f"Retrieval re-ranks only the top {args.rerank_top} candidates of the pooled-vector dot product."
+        )
+    return notes

@@ -1,0 +1,663 @@
+"""``regionflow train``: co-attention training on a feature store with Ray Train (DESIGN §6-7).
+
+Driver: validates the store and the VQA files, fixes the split and the answer vocabulary, writes ``RUN/run.json``,
+then runs a Ray Train ``TorchTrainer`` (DDP; ``gloo`` on CPU, ``nccl`` on GPU) whose storage lives under
+``RUN/ray_train``. Every rank opens the store (memory-mapped) and reads only its part of each epoch
+(`model.data.epoch_order`): equal items, hence equal steps, on every rank.
+
+Schedule (`TASK_SCHEDULE`): optimizer step ``s`` trains ``tasks[s % len(tasks)]``; each task has its own data
+stream and epoch counter. A step is ``grad_accum`` micro-batches of ``batch_size`` pairs per rank. AdamW, linear
+warmup then linear decay to 0 at ``max_steps`` (`lr_factor`), gradient-norm clipping, bf16 autocast on GPU.
+
+Checkpoints (rank 0, every ``checkpoint_every`` steps and at the end) hold the model config dict, model,
+optimizer, scheduler, step, data positions and every rank's RNG states (`model.checkpoint`). A worker restarted by
+``FailureConfig(max_failures)`` and a ``--resume`` both read ``ray.train.get_checkpoint()`` and continue so that
+the result equals an uninterrupted run (bit-exact on CPU with a fixed ``--threads``). ``RUN/losses.jsonl`` gets
+one line per step (mean over ranks), rewound to the checkpoint's step on restore; ``RUN/model.pt`` is written at
+the end; ``RUN/throughput.json`` holds the measured steps/s of the last session.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from model.checkpoint import CheckpointError
+from model.data import (
+    DEFAULT_HOLDOUT_FRACTION,
+    HASH_RULE,
+    CaptionPairs,
+    ItemSource,
+    QuestionItems,
+    StoreImages,
+    TaskStream,
+    check_holdout_fraction,
+)
+from model.vqa import DEFAULT_MAX_QUESTION_TOKENS, DEFAULT_MIN_ANSWER_COUNT, VqaDataError
+from schemas.manifest import canonical_json, comparable_manifest
+from schemas.store import StoreSchemaError
+
+log = logging.getLogger(__name__)
+
+TASK_SCHEDULE = (
+    "round-robin: optimizer step s trains tasks[s % len(tasks)], each task with its own data stream"
+)
+RUN_FILE = "run.json"
+LOSSES_FILE = "losses.jsonl"
+MODEL_FILE = "model.pt"
+THROUGHPUT_FILE = "throughput.json"
+RAY_TRAIN_DIR = "ray_train"  # RunConfig(name=...) under RUN: Ray Train's own storage and checkpoints
+FAULT_MARKER = ".fault_injected"
+RUN_FORMAT = "regionflow.run/1"
+TASK_SEED_STRIDE = 1000  # task i's data stream uses seed + i * TASK_SEED_STRIDE
+CHECKPOINTS_KEPT = 3
+EXIT_BAD_INPUT = 2
+EXIT_TRAINING_FAILED = 1
+# TrainConfig fields a --resume may change (everything else must match run.json)
+RESUME_MUTABLE = frozenset({"stop_after_steps", "max_failures", "inject_fault"})
+
+
+class TrainInputError(ValueError):
+    """Arguments, store or run directory that cannot be trained on (the message says why)."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """One training run (saved in ``run.json``; passed whole to every Ray Train worker as a dict).
+
+    Attributes:
+        store, out: absolute store and run directory paths.
+        tasks: task names from ``model.tasks.TASKS``, in schedule order.
+        workers: Ray Train workers (DDP ranks).
+        batch_size: pairs (or questions) per rank per micro-batch; grad_accum: micro-batches per step.
+        lr, weight_decay, warmup_steps, max_grad_norm: AdamW and schedule settings.
+        max_steps: optimizer steps of the whole run (the schedule's length).
+        stop_after_steps: stop (with a checkpoint) after this many steps, as an interrupted run (0 = no stop).
+        checkpoint_every: steps between checkpoints (a checkpoint is also written at the end and at a stop).
+        holdout_fraction: see ``model.data.HASH_RULE``.
+        threads: torch intra-op threads per worker (0 = torch's default).
+        seed: data order, initial weights and per-rank RNG streams derive from it.
+        vqa_questions, vqa_annotations, vqa_min_answer_count, max_question_tokens: VQA inputs.
+        max_failures: Ray Train ``FailureConfig(max_failures)``.
+        inject_fault: ``"RANK:STEP"`` kills that rank once at that step (marker file in ``out``; tests only).
+        use_gpu: one GPU per worker, ``nccl``, bf16 autocast.
+    """
+
+    store: str
+    out: str
+    tasks: tuple[str, ...]
+    workers: int
+    max_steps: int
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 0
+    max_grad_norm: float = 1.0
+    stop_after_steps: int = 0
+    checkpoint_every: int = 100
+    holdout_fraction: float = DEFAULT_HOLDOUT_FRACTION
+    threads: int = 0
+    seed: int = 0
+    vqa_questions: str = ""
+    vqa_annotations: str = ""
+    vqa_min_answer_count: int = DEFAULT_MIN_ANSWER_COUNT
+    max_question_tokens: int = DEFAULT_MAX_QUESTION_TOKENS
+    max_failures: int = 0
+    inject_fault: str = ""
+    use_gpu: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["tasks"] = list(self.tasks)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        return cls(**{**d, "tasks": tuple(d["tasks"])})
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``regionflow train`` (DESIGN §9)."""
+    from model.tasks import TASKS
+
+    parser.add_argument("store", help="feature store directory")
+    parser.add_argument("--task", required=True, help=f"comma-separated, from {','.join(TASKS)}")
+    parser.add_argument("--workers", type=int, default=1, help="Ray Train workers (DDP ranks)")
+    parser.add_argument("--out", required=True, help="run directory")
+    parser.add_argument("--max-steps", type=int, default=0, help="optimizer steps (0: from --epochs)")
+    parser.add_argument(
+        "--epochs", type=float, default=1.0, help="when --max-steps is 0: passes over the largest task"
+    )
+    parser.add_argument("--resume", action="store_true", help="continue RUN from its latest checkpoint")
+    parser.add_argument("--vqa-questions", default="", help="VQA v2 questions JSON")
+    parser.add_argument("--vqa-annotations", default="", help="VQA v2 annotations JSON")
+    parser.add_argument("--vqa-min-answer-count", type=int, default=DEFAULT_MIN_ANSWER_COUNT)
+    parser.add_argument("--holdout-fraction", type=float, default=DEFAULT_HOLDOUT_FRACTION)
+    parser.add_argument("--batch-size", type=int, default=16, help="per worker and micro-batch")
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--warmup-steps", type=int, default=0)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model-config", choices=("tiny", "base"), default="base")
+    parser.add_argument("--text-layers", type=int, default=0, help="BERT layers used (0: the preset's)")
+    parser.add_argument(
+        "--contrastive-weight", type=float, default=0.0, help="trains the --rerank-top first stage"
+    )
+    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument(
+        "--stop-after-steps", type=int, default=0, help="stop early with a checkpoint (0: no)"
+    )
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per worker (0: default)")
+    parser.add_argument(
+        "--max-failures", type=int, default=2, help="worker failures recovered from a checkpoint"
+    )
+    parser.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    parser.add_argument("--inject-fault", default="", help=argparse.SUPPRESS)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``regionflow train``; returns 0, `EXIT_BAD_INPUT` or `EXIT_TRAINING_FAILED`."""
+    try:
+        config, model_config, run_info = prepare(args)
+    except (TrainInputError, StoreSchemaError, VqaDataError, CheckpointError, FileNotFoundError) as exc:
+        log.error("train: %s", exc)
+        return EXIT_BAD_INPUT
+    return fit(config, model_config, run_info, address=args.address)
+
+
+# ------------------------------------------------------------------------------------------- driver
+def build_model_config(
+    preset: str, feature_dim: int, num_answers: int, text_layers: int, contrastive: float
+) -> Any:
+    """``ModelConfig`` of the preset for the store's feature size; ``text_layers`` keeps the last three co-layers."""
+    from model.config import ModelConfig
+
+    base = (
+        ModelConfig.tiny(feature_dim=feature_dim)
+        if preset == "tiny"
+        else ModelConfig(feature_dim=feature_dim)
+    )
+    changes: dict[str, Any] = {"num_answers": num_answers, "contrastive_weight": contrastive}
+    if text_layers:
+        co = tuple(range(max(0, text_layers - base.num_co_layers), text_layers))
+        changes.update(num_text_layers=text_layers, co_layers_after=co)
+    return dataclasses.replace(base, **changes)
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the store manifest without its run history (``schemas.manifest.comparable_manifest``)."""
+    return hashlib.sha256(canonical_json(comparable_manifest(manifest))).hexdigest()
+
+
+def _parse_tasks(text: str) -> tuple[str, ...]:
+    from model.tasks import TASKS
+
+    tasks = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = [t for t in tasks if t not in TASKS]
+    if not tasks or unknown or len(set(tasks)) != len(tasks):
+        raise TrainInputError(f"--task must list distinct tasks from {TASKS}, got {text!r}")
+    return tasks
+
+
+def prepare(args: argparse.Namespace) -> tuple[TrainConfig, Any, dict[str, Any]]:
+    """Validate inputs, fix split and vocabulary, write (or check, on ``--resume``) ``run.json``.
+
+    Raises:
+        TrainInputError, StoreSchemaError, VqaDataError, FileNotFoundError: with a message naming the problem.
+    """
+    from workers.store import StoreReader
+
+    tasks = _parse_tasks(args.task)
+    check_holdout_fraction(args.holdout_fraction)
+    if args.workers < 1 or args.batch_size < 1 or args.grad_accum < 1:
+        raise TrainInputError("--workers, --batch-size and --grad-accum must be >= 1")
+    if ("vqa" in tasks) != bool(args.vqa_questions and args.vqa_annotations):
+        raise TrainInputError(
+            "--task vqa needs --vqa-questions and --vqa-annotations (and they need --task vqa)"
+        )
+    store_path = str(Path(args.store).resolve()) if "://" not in args.store else args.store
+    out = Path(args.out).resolve()
+    reader = StoreReader(store_path)
+    images = StoreImages(reader)
+    sizes, vocab = _split_sizes(images, tasks, args)
+    model_config = build_model_config(
+        args.model_config, images.feature_dim, len(vocab), args.text_layers, args.contrastive_weight
+    )
+    max_steps = args.max_steps or _steps_from_epochs(sizes["items"], tasks, args)
+    config = TrainConfig(
+        store=store_path,
+        out=str(out),
+        tasks=tasks,
+        workers=args.workers,
+        max_steps=max_steps,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps,
+        max_grad_norm=args.max_grad_norm,
+        stop_after_steps=args.stop_after_steps,
+        checkpoint_every=max(1, args.checkpoint_every),
+        holdout_fraction=args.holdout_fraction,
+        threads=args.threads,
+        seed=args.seed,
+        vqa_questions=str(Path(args.vqa_questions).resolve()) if args.vqa_questions else "",
+        vqa_annotations=str(Path(args.vqa_annotations).resolve()) if args.vqa_annotations else "",
+        vqa_min_answer_count=args.vqa_min_answer_count,
+        max_failures=args.max_failures,
+        inject_fault=args.inject_fault,
+        use_gpu=torch.cuda.is_available(),
+    )
+    run_info = {
+        "format": RUN_FORMAT,
+        "model_config": model_config.to_dict(),
+        "tasks": list(tasks),
+        "task_schedule": TASK_SCHEDULE,
+        "store": {
+            "path": store_path,
+            "manifest_digest": manifest_digest(reader.manifest),
+            "feature_dim": images.feature_dim,
+            "shards": images.shard_ids,
+        },
+        "split": {"holdout_fraction": args.holdout_fraction, "hash_rule": HASH_RULE, **sizes["split"]},
+        "vqa": {"answer_vocab": vocab, "min_answer_count": args.vqa_min_answer_count}
+        if "vqa" in tasks
+        else None,
+        "train": config.to_dict(),
+    }
+    _write_or_check_run(out, run_info, args.resume)
+    return config, model_config, run_info
+
+
+def _split_sizes(
+    images: StoreImages, tasks: tuple[str, ...], args: argparse.Namespace
+) -> tuple[dict, list[str]]:
+    held = images.split_mask(args.holdout_fraction)
+    captions = images.num_captions()
+    split = {
+        "images": {"train": int((~held).sum()), "heldout": int(held.sum())},
+        "pairs": {"train": int(captions[~held].sum()), "heldout": int(captions[held].sum())},
+    }
+    if split["images"]["train"] == 0:
+        raise TrainInputError(
+            f"the training split is empty ({images.num_images} images, holdout {args.holdout_fraction})"
+        )
+    vocab: list[str] = []
+    items = {t: split["pairs"]["train"] for t in tasks if t != "vqa"}
+    if "vqa" in tasks:
+        vqa = _vqa_split(images, held, args.vqa_questions, args.vqa_annotations)
+        from model.vqa import build_answer_vocab
+
+        vocab = build_answer_vocab(vqa["train"].questions, args.vqa_min_answer_count)
+        split["questions"] = {k: len(v.questions) for k, v in vqa.items()}
+        items["vqa"] = split["questions"]["train"]
+    for task, n in items.items():
+        if n < args.workers:
+            raise TrainInputError(f"task {task}: {n} training item(s) cannot feed {args.workers} worker(s)")
+    return {"split": split, "items": items}, vocab
+
+
+def _vqa_split(images: StoreImages, held: np.ndarray, questions: str, annotations: str) -> dict[str, Any]:
+    from model.vqa import load_vqa, split_questions
+
+    return split_questions(load_vqa(questions, annotations), images.image_ids(), held)
+
+
+def _steps_from_epochs(items: dict[str, int], tasks: tuple[str, ...], args: argparse.Namespace) -> int:
+    from model.data import steps_per_epoch
+
+    largest = max(steps_per_epoch(n, args.workers, args.batch_size) for n in items.values())
+    return max(1, math.ceil(args.epochs * math.ceil(largest / args.grad_accum) * len(tasks)))
+
+
+def _write_or_check_run(out: Path, run_info: dict[str, Any], resume: bool) -> None:
+    path = out / RUN_FILE
+    if not resume:
+        if path.exists() or (out / RAY_TRAIN_DIR).exists():
+            raise TrainInputError(f"{out} already holds a run: pass --resume or choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(canonical_json(run_info))
+        return
+    if not path.exists():
+        raise TrainInputError(f"--resume: {path} does not exist")
+    saved = json.loads(path.read_text())
+    new = json.loads(canonical_json(run_info))
+    mutable = {f"train.{k}" for k in RESUME_MUTABLE}
+    diff = [k for k in _flat_diff(saved, new) if k not in mutable]
+    if diff:
+        raise TrainInputError(f"--resume: arguments or store differ from {path}: {', '.join(diff)}")
+    path.write_bytes(canonical_json(run_info))
+
+
+def _flat_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _flat_diff(a.get(k), b.get(k), f"{prefix}{k}.")]
+    return [] if a == b else [prefix.rstrip(".")]
+
+
+def fit(config: TrainConfig, model_config: Any, run_info: dict[str, Any], address: str | None = None) -> int:
+    """Run the Ray Train ``TorchTrainer``; returns 0 or `EXIT_TRAINING_FAILED`."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init(address=address)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": config.to_dict(),
+            "model_config": model_config.to_dict(),
+            "run": run_info,
+        },
+        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu),
+        run_config=RunConfig(
+            name=RAY_TRAIN_DIR,
+            storage_path=config.out,
+            failure_config=FailureConfig(max_failures=config.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=CHECKPOINTS_KEPT),
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as exc:  # worker errors (after max_failures restarts) and controller errors
+        log.error("train: training failed: %s", exc)
+        return EXIT_TRAINING_FAILED
+    log.info("train: done; last checkpoint %s", result.checkpoint.path if result.checkpoint else None)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- worker
+def lr_factor(step: int, warmup_steps: int, max_steps: int) -> float:
+    """Learning-rate multiplier at optimizer step ``step`` (0-based): ``(step + 1) / (warmup + 1)`` during
+    warmup, then linear decay reaching 0 at ``max_steps``."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    return max(0.0, (max_steps - step) / max(1, max_steps - warmup_steps))
+
+
+def build_sources(
+    images: StoreImages, config: TrainConfig, model_config: Any, vocab: list[str]
+) -> dict[str, ItemSource]:
+    """The training items of every task (training split only)."""
+    train_images = images.split_indices("train", config.holdout_fraction)
+    sources: dict[str, ItemSource] = {}
+    for task in config.tasks:
+        if task == "vqa":
+            sources[task] = vqa_items(images, config, model_config, vocab, "train")
+        else:
+            caption = task == "caption"
+            sources[task] = CaptionPairs(
+                images, train_images, caption, model_config.max_caption_tokens if caption else 0
+            )
+    return sources
+
+
+def vqa_items(
+    images: StoreImages, config: TrainConfig, model_config: Any, vocab: list[str], split: str
+) -> QuestionItems:
+    """VQA items of ``split`` with soft-score targets over ``vocab`` (questions tokenised with the text checkpoint)."""
+    from model.text_checkpoint import resolve_text_checkpoint
+    from model.vqa import load_tokenizer, soft_targets, tokenize_questions
+
+    held = images.split_mask(config.holdout_fraction)
+    part = _vqa_split(images, held, config.vqa_questions, config.vqa_annotations)[split]
+    tokenizer = load_tokenizer(resolve_text_checkpoint(model_config.text_checkpoint))
+    ids = tokenize_questions(tokenizer, [q.question for q in part.questions], config.max_question_tokens)
+    index = {a: i for i, a in enumerate(vocab)}
+    targets = np.stack([soft_targets(q, index) for q in part.questions]) if part.questions else None
+    return QuestionItems(images, ids, part.image_index, targets)
+
+
+class _Worker:
+    """One Ray Train rank: data streams, model, optimizer; restore, step, checkpoint, finish."""
+
+    def __init__(self, loop_config: dict[str, Any]) -> None:
+        import ray.train
+        from ray.train.torch import get_device
+
+        from model.config import ModelConfig
+        from workers.store import StoreReader
+
+        self.config = TrainConfig.from_dict(loop_config["train"])
+        self.model_config = ModelConfig.from_dict(loop_config["model_config"])
+        self.run_info = loop_config["run"]
+        context = ray.train.get_context()
+        self.rank, self.world = context.get_world_rank(), context.get_world_size()
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        self.device = get_device()
+        self.out = Path(self.config.out)
+        vocab = (self.run_info.get("vqa") or {}).get("answer_vocab", [])
+        images = StoreImages(StoreReader(self.config.store))
+        sources = build_sources(images, self.config, self.model_config, vocab)
+        self.streams = {
+            task: TaskStream(
+                sources[task],
+                self.config.batch_size,
+                self.config.seed + i * TASK_SEED_STRIDE,
+                self.rank,
+                self.world,
+                with_cls_prob=task == "pretrain",
+            )
+            for i, task in enumerate(self.config.tasks)
+        }
+        self._build_model()
+        self.step = 0
+        self.numpy_rng = np.random.default_rng([self.config.seed, self.rank])
+        torch.manual_seed(self.config.seed * 7919 + self.rank + 1)  # this rank's dropout stream
+
+    def _build_model(self) -> None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        from model.tasks import TaskModel
+
+        torch.manual_seed(self.config.seed)  # identical initial weights on every rank and every run
+        self.model = TaskModel(self.model_config).to(self.device)
+        self.ddp = (
+            DistributedDataParallel(
+                self.model,
+                device_ids=[self.device] if self.device.type == "cuda" else None,
+                find_unused_parameters=True,  # each task uses only some heads
+            )
+            if self.world > 1
+            else self.model
+        )
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "norm" not in n.lower()]
+        no_decay = [
+            p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "norm" not in n.lower())
+        ]
+        self.optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.config.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.config.lr,
+        )
+        warmup, total = self.config.warmup_steps, self.config.max_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, warmup, total)
+        )
+
+    # ---- restore / checkpoint ----------------------------------------------------------------------------
+    def restore(self) -> None:
+        """Continue from ``ray.train.get_checkpoint()`` when there is one (failure restart or --resume)."""
+        import ray.train
+
+        from model.checkpoint import load_checkpoint, restore_rng
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            if self.rank == 0:
+                (self.out / LOSSES_FILE).write_text("")
+            return
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(directory, expected_config=self.model_config)
+        if len(state.rng) != self.world:
+            raise CheckpointError(
+                f"checkpoint written by {len(state.rng)} workers, this run has {self.world}"
+            )
+        self.model.load_state_dict(state.model)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        self.step = state.step
+        for task, position in state.data_position.items():
+            self.streams[task].restore(position)
+        self.numpy_rng = restore_rng(state.rng[self.rank])
+        if self.rank == 0:
+            _rewind_losses(self.out / LOSSES_FILE, self.step)
+
+    def checkpoint(self, metrics: dict[str, Any]) -> None:
+        """Gather every rank's RNG state; rank 0 writes the checkpoint; every rank reports it to Ray Train."""
+        import ray.train
+
+        from model.checkpoint import TrainingState, capture_rng, save_checkpoint
+
+        rng = [capture_rng(self.numpy_rng)]
+        if self.world > 1:
+            gathered: list[Any] = [None] * self.world
+            torch.distributed.all_gather_object(gathered, rng[0])
+            rng = gathered
+        name = f"checkpoint_{self.step:08d}"
+        if self.rank != 0:
+            ray.train.report(metrics, checkpoint=None, checkpoint_dir_name=name)
+            return
+        state = TrainingState(
+            model_config=self.model_config.to_dict(),
+            model={k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict(),
+            step=self.step,
+            data_position={t: s.position for t, s in self.streams.items()},
+            rng=rng,
+            run={"tasks": list(self.config.tasks), "seed": self.config.seed, "world_size": self.world},
+        )
+        with tempfile.TemporaryDirectory() as directory:
+            save_checkpoint(directory, state)
+            ray.train.report(
+                metrics, checkpoint=ray.train.Checkpoint.from_directory(directory), checkpoint_dir_name=name
+            )
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step of the scheduled task; returns its log record (mean over ranks)."""
+        task = self.config.tasks[self.step % len(self.config.tasks)]
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        for micro in range(self.config.grad_accum):
+            batch = self.streams[task].next_batch().to(self.device)
+            generator = torch.Generator().manual_seed(int(self.numpy_rng.integers(2**63)))
+            last = micro == self.config.grad_accum - 1
+            with self._maybe_no_sync(not last), self._autocast():
+                out = self.ddp(batch, task, generator)
+            (out.total / self.config.grad_accum).backward()
+            for name, value in {"loss": float(out.total.detach()), **out.parts}.items():
+                totals[name] = totals.get(name, 0.0) + value / self.config.grad_accum
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.max_grad_norm)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        means = self._mean_over_ranks(totals)
+        parts = {k: v for k, v in means.items() if k != "loss"}
+        return {"step": self.step, "task": task, "loss": means["loss"], "parts": parts, "lr": lr}
+
+    def _maybe_no_sync(self, skip_sync: bool) -> Any:
+        import contextlib
+
+        if skip_sync and self.ddp is not self.model:
+            return self.ddp.no_sync()
+        return contextlib.nullcontext()
+
+    def _autocast(self) -> Any:
+        return torch.autocast(
+            device_type=self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
+        )
+
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world == 1:
+            return values
+        keys = sorted(values)
+        tensor = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(tensor)
+        return {k: float(v) / self.world for k, v in zip(keys, tensor.tolist(), strict=True)}
+
+    def maybe_inject_fault(self) -> None:
+        """Tests only: ``inject_fault="RANK:STEP"`` kills that rank once, before that step, guarded by a marker."""
+        if not self.config.inject_fault:
+            return
+        rank, step = (int(x) for x in self.config.inject_fault.split(":"))
+        marker = self.out / FAULT_MARKER
+        if self.rank == rank and self.step == step and not marker.exists():
+            marker.write_text(f"rank {rank} killed before step {step}\n")
+            os._exit(1)
+
+    def run(self) -> None:
+        stop = self.config.max_steps
+        if self.config.stop_after_steps:
+            stop = min(stop, self.config.stop_after_steps)
+        start_step, started = self.step, time.perf_counter()
+        while self.step < stop:
+            self.maybe_inject_fault()
+            record = self.train_step()
+            if self.rank == 0:
+                with open(self.out / LOSSES_FILE, "a") as f:
+                    f.write(json.dumps(record, sort_keys=True) + "\n")
+            if self.step % self.config.checkpoint_every == 0 or self.step == stop:
+                self.checkpoint({"step": self.step, "loss": record["loss"]})
+        if self.rank == 0:
+            self._finish(start_step, time.perf_counter() - started)
+
+    def _finish(self, start_step: int, seconds: float) -> None:
+        from model.checkpoint import save_model
+
+        steps = self.step - start_step
+        pairs = steps * self.config.batch_size * self.config.grad_accum * self.world
+        throughput = {
+            "steps": steps,
+            "seconds": seconds,
+            "steps_per_s": steps / seconds if seconds > 0 else None,
+            "samples_per_s": pairs / seconds if seconds > 0 else None,
+            "workers": self.world,
+            "device": str(self.device),
+            "threads_per_worker": torch.get_num_threads(),
+        }
+        (self.out / THROUGHPUT_FILE).write_bytes(canonical_json(throughput))
+        if self.step == self.config.max_steps:
+            extra = {
+                "tasks": list(self.config.tasks),
+                "answer_vocab": (self.run_info.get("vqa") or {}).get("answer_vocab", []),
+            }
+            save_model(self.out / MODEL_FILE, self.model, self.model_config, extra)
+
+
+def _rewind_losses(path: Path, step: int) -> None:
+    """Keep the log lines of steps ``<= step`` (lines of an interrupted session past its checkpoint go)."""
+    lines = path.read_text().splitlines() if path.exists() else []
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """The Ray Train worker function (one call per rank, again after a failure restart)."""
+    worker = _Worker(loop_config)
+    worker.restore()
+    worker.run()
