@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -119,6 +120,14 @@ def start_extract(args: list[str], logs: Path, env: dict[str, str] | None = None
             stderr=err,
             env={**os.environ, **(env or {})},
         )
+
+
+def summary_of(logs: Path) -> dict:
+    """The JSON summary a subprocess run printed last (Ray may print task-retry notices before it)."""
+    text = logs.with_suffix(".out").read_text()
+    start = re.search(r"^\{$", text, re.MULTILINE)
+    assert start is not None, text[-2000:]
+    return json.loads(text[start.start() :])
 
 
 def stderr_of(logs: Path) -> str:
@@ -397,3 +406,55 @@ def test_huge_shard_stays_within_the_in_flight_bounds(tmp_path: Path, ray_sessio
     assert 1 <= summary.max_images_in_flight <= batches_bound * config.batch_size, summary
     assert 1 <= summary.max_batches_per_actor <= ACTOR_QUEUE_DEPTH, summary
     assert_store_invariants(out)
+
+
+# --------------------------------------------------------------------------------------------- lost node
+
+
+def _raylet_pid(node: object) -> int:
+    from ray._private import ray_constants
+
+    return node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid  # type: ignore[attr-defined]
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+def test_node_removed_while_shards_in_flight(
+    reference: Path, shards: list[str], tmp_path: Path, own_processes
+) -> None:
+    """Fault 3: a 3-node ``Cluster`` (a head without CPUs, two 2-CPU workers); the extract joins it with
+    ``--address``; once shard 0 is committed, the node running the detector actor is removed. Ray restarts
+    the actor on the other node, shards whose read task or chunks were lost restart, and the store is
+    byte-identical to the reference. The session's local runtime is shut down for the test and restored."""
+    import ray
+    from conftest import RAY_TEST_CPUS
+    from ray.cluster_utils import Cluster
+
+    was_up = ray.is_initialized()
+    if was_up:
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    proc = None
+    try:
+        nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
+        cluster.wait_for_nodes()
+        out, logs = tmp_path / "store", tmp_path / "cluster-run"
+        proc = start_extract(extract_args(shards, out, [*SLOW_FLAGS, "--address", cluster.address]), logs)
+        wait_for(lambda: markers(out) >= 1 or proc.poll() is not None, RUN_TIMEOUT_S, "shard 0's marker")
+        hosts = [n for n in nodes if ray_processes(_raylet_pid(n), DETECTOR_TITLE)]
+        assert proc.poll() is None and len(hosts) == 1, stderr_of(logs)
+        removed_at = markers(out)
+        cluster.remove_node(hosts[0])
+        assert removed_at < len(shards), "the run ended before the node was removed"
+        assert proc.wait(timeout=RUN_TIMEOUT_S) == 0, stderr_of(logs)
+        summary = summary_of(logs)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        cluster.shutdown()
+        if was_up:
+            ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, log_to_driver=False)
+    assert (summary["shards_done"], summary["failed_shards"]) == (len(shards), [])
+    assert_store_invariants(out)
+    assert_stores_identical(out, reference)
