@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -345,7 +346,7 @@ class DetectorActor:
             feature_dim=int(self.detector.feature_dim),
             weights_digest=str(self.detector.weights_digest),
             random_init=bool(self.detector.random_init),
-            device=str(getattr(self.detector, "device", "cuda" if torch.cuda.is_available() else "cpu")),
+            device=str(self.detector.device),
             threads=torch.get_num_threads(),
         )
 
@@ -365,17 +366,12 @@ def _read_shard(
     yield from shard_chunks(url, reader_config, _tokenizer(tokenizer_dir, max_tokens), batch_size)
 
 
-_TOKENIZERS: dict[tuple[str | None, int], Any] = {}
-
-
+@functools.lru_cache(maxsize=4)
 def _tokenizer(checkpoint_dir: str | None, max_tokens: int) -> Any:
     """One ``CaptionTokenizer`` per worker process and setting (built on first use)."""
     from workers.tokenizer import CaptionTokenizer
 
-    key = (checkpoint_dir, max_tokens)
-    if key not in _TOKENIZERS:
-        _TOKENIZERS[key] = CaptionTokenizer(checkpoint_dir=checkpoint_dir, max_tokens=max_tokens)
-    return _TOKENIZERS[key]
+    return CaptionTokenizer(checkpoint_dir=checkpoint_dir, max_tokens=max_tokens)
 
 
 def _warm_read_worker(tokenizer_dir: str | None, max_tokens: int) -> int:
