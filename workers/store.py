@@ -286,9 +286,20 @@ class StoreReader:
         return ipc.open_file(pa.py_buffer(self.location.read_bytes(path))).read_all()
 
 
+LOCK_ATTEMPTS = 3  # tries when the lock file is replaced between opening and locking it
+
+
 class StoreLock:
-    """An exclusive lock file holding the holder's host and pid (§9). A lock whose process is gone (same
-    host, pid not alive or a different process start time) is stale and is taken over.
+    """An exclusive lock on a local store (§9): the file ``.regionflow.lock``, holding the holder's host, pid
+    and process start time, with an ``flock`` on it kept for the whole run.
+
+    The kernel drops an ``flock`` when its process ends, however it ends (SIGKILL included), so a lock file
+    whose ``flock`` can be taken is stale and is taken over, unless it names another host: a store on a
+    shared filesystem may be written from a host whose processes this one cannot see, so such a lock is
+    treated as live. Checking and rewriting the lock file happen under the ``flock``, so two runs starting
+    together never both win (with a create-then-write file, a starting run could read a live holder's
+    still-empty lock file, take it for stale and delete it). The lock file descriptor is not inherited by
+    child processes (PEP 446), so a leftover child of a killed run does not keep the lock.
     Object-storage stores have no lock: ``acquire`` is then a no-op (the caller must say so).
 
     Raises:
@@ -299,41 +310,56 @@ class StoreLock:
         self.location = location
         self.path = location.path(LOCK_FILE)
         self.held = False
+        self._fd = -1
 
     def acquire(self) -> None:
         if not self.location.is_local:
             return
         os.makedirs(self.location.root, exist_ok=True)
-        me = _process_identity(os.getpid())
-        for _ in range(2):
+        me = json.dumps(_process_identity(os.getpid())).encode()
+        for _ in range(LOCK_ATTEMPTS):
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._break_if_stale()
-                continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
-            self.held = True
-            return
-        raise StoreLockedError(f"{self.location.root}: could not take the store lock")
+                taken = self._take(fd, me)
+            except BaseException:
+                os.close(fd)
+                raise
+            if taken:
+                self._fd, self.held = fd, True
+                return
+            os.close(fd)  # the file was released and replaced meanwhile: try the new one
+        raise StoreLockedError(f"{self.location.root}: could not take the store lock {self.path}")
 
-    def _break_if_stale(self) -> None:
+    def _take(self, fd: int, me: bytes) -> bool:
+        """``flock`` the open lock file and write ``me`` into it; False if ``fd`` is no longer the file at
+        ``self.path``. Raises ``StoreLockedError`` when a live holder has it."""
+        import fcntl
+
         try:
-            with open(self.path) as f:
-                holder = json.load(f)
-        except (OSError, json.JSONDecodeError):
-            holder = None  # half-written by a killed run: stale
-        if holder is not None and _holder_alive(holder):
-            raise StoreLockedError(
-                f"{self.location.root} is being written by pid {holder['pid']} on {holder['host']} "
-                f"(lock {self.path}); wait for it or stop it"
-            )
-        os.unlink(self.path)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise self._locked(_read_holder(fd)) from None
+        if not _is_same_file(fd, self.path):
+            return False
+        holder = _read_holder(fd)
+        if holder is not None and holder.get("host") != socket.gethostname():
+            raise self._locked(holder)  # another host's run: cannot tell whether it is alive
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, me, 0)
+        return True
+
+    def _locked(self, holder: dict[str, Any] | None) -> StoreLockedError:
+        holder = holder or {}
+        return StoreLockedError(
+            f"{self.location.root} is being written by pid {holder.get('pid', '?')} on "
+            f"{holder.get('host', '?')} (lock {self.path}); wait for it or stop it"
+        )
 
     def release(self) -> None:
         if self.held:
-            os.unlink(self.path)
-            self.held = False
+            os.unlink(self.path)  # while still holding the flock: a waiter then sees a replaced file
+            os.close(self._fd)
+            self.held, self._fd = False, -1
 
     def __enter__(self) -> StoreLock:
         self.acquire()
@@ -349,15 +375,21 @@ def _process_identity(pid: int) -> dict[str, Any]:
     return {"host": socket.gethostname(), "pid": pid, "started": psutil.Process(pid).create_time()}
 
 
-def _holder_alive(holder: dict[str, Any]) -> bool:
-    import psutil
-
-    if holder.get("host") != socket.gethostname():
-        return True  # cannot check another host's processes: treat as live
+def _read_holder(fd: int) -> dict[str, Any] | None:
+    """The holder recorded in an open lock file; None when empty or half-written."""
     try:
-        return psutil.Process(int(holder["pid"])).create_time() == holder.get("started")
-    except (psutil.NoSuchProcess, KeyError, ValueError):
+        holder = json.loads(os.pread(fd, 4096, 0))
+    except (OSError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+def _is_same_file(fd: int, path: str) -> bool:
+    try:
+        here, there = os.fstat(fd), os.stat(path)
+    except FileNotFoundError:
         return False
+    return (here.st_dev, here.st_ino) == (there.st_dev, there.st_ino)
 
 
 def write_test_store(root: str, rows_by_shard: dict[str, list[dict[str, Any]]], feature_dim: int) -> None:
