@@ -556,6 +556,7 @@ class ExtractSummary:
     device: str = ""
     detector_threads: int = 0
     stray_temporaries_removed: int = 0
+    detector_busy_s: float = 0.0
     max_batches_in_flight: int = 0  # chunks taken from the read streams and not yet written (driver)
     max_images_in_flight: int = 0  # decoded images in those chunks
     max_batches_per_actor: int = 0  # unfinished calls at one detector actor
@@ -574,6 +575,7 @@ class ExtractSummary:
         out["images_per_s"] = round(self.images_per_s, 3)
         out["startup_s"] = round(self.startup_s, 3)
         out["processing_s"] = round(self.processing_s, 3)
+        out["detector_busy_s"] = round(self.detector_busy_s, 3)
         out["exit_code"] = self.exit_code
         return out
 
@@ -691,6 +693,7 @@ class ShardScheduler:
         run.errors += len(result.errors)
         run.members_used += result.members_used
         run.members_in_errors += result.members_in_errors
+        self.summary.detector_busy_s += result.busy_s
         if result.rows.num_rows:
             run.buffered.append(result.rows)
             run.buffered_rows += result.rows.num_rows
@@ -927,10 +930,11 @@ def _utc_now() -> str:
 
 
 def _refuse_foreign_directory(location: StoreLocation) -> None:
-    """Refuse an existing, non-empty directory that is not a regionflow store (no ``manifest.json``)."""
+    """Refuse an existing, non-empty directory that is not a regionflow store (no ``manifest.json``). The
+    lock and a ``manifest.json.tmp`` (a run killed while writing its first manifest) are our own."""
     from pyarrow import fs as pafs
 
-    from schemas.store import LOCK_FILE
+    from schemas.store import LOCK_FILE, MANIFEST_FILE, TMP_SUFFIX
 
     info = location.fs.get_file_info(location.root)
     if info.type == pafs.FileType.NotFound:
@@ -938,7 +942,8 @@ def _refuse_foreign_directory(location: StoreLocation) -> None:
     if info.type != pafs.FileType.Directory:
         raise ExtractRefused(f"{location.root} exists and is not a directory")
     selector = pafs.FileSelector(location.root, allow_not_found=True)
-    entries = [e.base_name for e in location.fs.get_file_info(selector) if e.base_name != LOCK_FILE]
+    ours = {LOCK_FILE, MANIFEST_FILE + TMP_SUFFIX}
+    entries = [e.base_name for e in location.fs.get_file_info(selector) if e.base_name not in ours]
     if entries and read_manifest(location) is None:
         raise ExtractRefused(
             f"{location.root} is not empty and is not a regionflow store (no manifest.json); "
