@@ -48,7 +48,7 @@ from pipelines.extract import (
     extract,
 )
 from pipelines.inflight import InFlightMeter
-from schemas.store import LOCK_FILE, MANIFEST_FILE, MARKER_SUFFIX, PARTS_DIR
+from schemas.store import LOCK_FILE, MANIFEST_FILE, MARKER_SUFFIX, PARTS_DIR, TMP_SUFFIX
 from workers.tar_writer import write_tar
 
 REPO = Path(__file__).resolve().parents[1]
@@ -456,5 +456,76 @@ def test_node_removed_while_shards_in_flight(
         if was_up:
             ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, log_to_driver=False)
     assert (summary["shards_done"], summary["failed_shards"]) == (len(shards), [])
+    assert_store_invariants(out)
+    assert_stores_identical(out, reference)
+
+
+# ---------------------------------------------------------------------------------- lock and resume debris
+
+LOCK_CONTENDERS = 3
+LOCK_HAMMER_S = 3.0
+LOCK_HAMMER = """
+import json, os, sys, time
+from workers.store import StoreLocation, StoreLock, StoreLockedError
+root, start, seconds = sys.argv[1], float(sys.argv[2]), float(sys.argv[3])
+location, flag = StoreLocation.parse(root), os.path.join(root, "holder.flag")
+held = refused = violations = 0
+time.sleep(max(0.0, start - time.time()))
+while time.time() < start + seconds:
+    lock = StoreLock(location)
+    try:
+        lock.acquire()
+    except StoreLockedError:
+        refused += 1
+        continue
+    held += 1
+    try:
+        os.close(os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY))  # nobody else may be inside
+        os.unlink(flag)
+    except FileExistsError:
+        violations += 1
+    try:
+        lock.release()
+    except FileNotFoundError:  # another process deleted the lock this one held
+        violations += 1
+print(json.dumps({"held": held, "refused": refused, "violations": violations}))
+"""
+
+
+def test_store_lock_is_exclusive_under_contention(tmp_path: Path) -> None:
+    """Several processes take and release one store's lock as fast as they can: never two holders at once,
+    never a held lock deleted by another process, and every process gets it sometimes."""
+    start = time.time() + 2.0  # all contenders imported and waiting by then
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", LOCK_HAMMER, str(tmp_path), str(start), str(LOCK_HAMMER_S)],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(LOCK_CONTENDERS)
+    ]
+    results = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err[-2000:]
+        results.append(json.loads(out))
+    assert all(r["violations"] == 0 for r in results), results
+    assert all(r["held"] >= 1 for r in results), results
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_rerun_after_a_kill_during_the_first_manifest_write(
+    reference: Path, shards: list[str], tmp_path: Path, ray_session: object
+) -> None:
+    """A driver SIGKILLed while writing its first ``manifest.json`` leaves only ``manifest.json.tmp`` (and
+    a stale lock, covered above). The rerun must treat the directory as its own (not refuse it as "not a
+    regionflow store"), replace the temporary and end like the reference."""
+    out = tmp_path / "store"
+    out.mkdir()
+    (out / (MANIFEST_FILE + TMP_SUFFIX)).write_bytes((reference / MANIFEST_FILE).read_bytes()[:100])
+    summary = extract(shards, str(out), REFERENCE)
+    assert summary.exit_code == 0, summary
     assert_store_invariants(out)
     assert_stores_identical(out, reference)
