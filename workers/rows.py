@@ -18,6 +18,7 @@ Boxes are ``xyxy`` in original-image pixels (float32); features are stored as fl
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -87,6 +88,7 @@ class ChunkRows:
         errors: error rows in source order (reading failures and invalid detector outputs).
         members_used: tar members of the samples in ``rows``.
         members_in_errors: tar members of the samples in ``errors``.
+        busy_s: wall seconds ``process`` took (detector + row building), for efficiency reports.
     """
 
     shard: str
@@ -96,6 +98,7 @@ class ChunkRows:
     members_used: int
     members_in_errors: int
     counts: MemberCounts | None
+    busy_s: float = 0.0
 
 
 def shard_chunks(
@@ -151,6 +154,7 @@ class RegionRowBuilder:
 
     def process(self, chunk: ShardChunk) -> ChunkRows:
         """Detect regions for every decoded sample of ``chunk`` and build its rows and error rows."""
+        start = time.perf_counter()
         outputs = self._detect([i for i in chunk.items if isinstance(i, ReadSample)])
         kept: list[tuple[ReadSample, RegionOutput]] = []
         errors: list[ErrorRow] = []
@@ -171,7 +175,14 @@ class RegionRowBuilder:
                 members_in_errors += len(item.sample.member_names)
         rows = build_rows(kept, self.schema, self.box_source, self.with_cls_prob)
         return ChunkRows(
-            chunk.shard, chunk.index, rows, tuple(errors), members_used, members_in_errors, chunk.counts
+            chunk.shard,
+            chunk.index,
+            rows,
+            tuple(errors),
+            members_used,
+            members_in_errors,
+            chunk.counts,
+            time.perf_counter() - start,
         )
 
     def _detect(self, samples: Sequence[ReadSample]) -> dict[int, RegionOutput]:
