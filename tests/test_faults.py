@@ -1,11 +1,12 @@
 """Fault tolerance of ``regionflow extract``: nothing lost, nothing duplicated (DESIGN §5, §9).
 
-Real faults on the real Ray runtime: a detector actor SIGKILLed mid-shard, the driver SIGKILLed mid-run
-and rerun, a node of a multi-node ``ray.cluster_utils.Cluster`` removed while shards are in flight, a shard
-whose reader fails every attempt. Each faulty store must satisfy ``assert_store_invariants`` and be
-byte-identical (parts, error tables, markers; manifest without ``runs``) to an uninterrupted run's.
-Also: refusals that write nothing, the store lock (live and stale), the bound on batches and images in
-flight.
+Real faults on the real Ray runtime: a detector actor and a read worker SIGKILLed mid-shard, the driver
+SIGKILLed mid-run and rerun, a node of a multi-node ``ray.cluster_utils.Cluster`` removed while shards are in
+flight, a shard whose reader fails every attempt, a run killed while writing its first manifest. Each
+faulty store must satisfy ``assert_store_invariants`` and be byte-identical (parts, error tables, markers;
+manifest without ``runs``) to an uninterrupted run's. Also: refusals that write nothing, the store lock
+(a concurrent run refused, a stale lock taken over, exclusive under contention), the bound on batches and
+images in flight.
 
 Runs that must be killed from outside run the CLI in a subprocess (``python -m pipelines.cli extract``) with
 its own ``ray.init``; the others use the session's Ray runtime (``ray_session``). A process is only ever
@@ -66,6 +67,7 @@ POLL_S = 0.01
 HUGE_IMAGES = 200
 RUN_TIMEOUT_S = 150  # a subprocess extract: Ray start-up + detector build on a busy 2-core machine
 DETECTOR_TITLE = "ray::DetectorActor"  # Ray's process title of a detector actor worker
+READER_TITLE = "ray::_read_shard"  # ... of a worker running a read task (idle workers: "ray::IDLE")
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -242,27 +244,40 @@ def _raise() -> None:
 # ----------------------------------------------------------------------------------------------- faults
 
 
-def test_sigkilled_detector_actor(
-    reference: Path, shards: list[str], tmp_path: Path, ray_session: object
+def test_sigkilled_detector_actor_and_read_worker(
+    reference: Path, shards: list[str], tmp_path: Path, caplog, ray_session: object
 ) -> None:
-    """Fault 1: the detector actor's process is SIGKILLed once shard 0 is committed and before the last:
-    Ray restarts the actor and re-runs its batches; the store is byte-identical to the reference."""
+    """Fault 1: the detector actor's process is SIGKILLed once shard 0 is committed and before the last
+    (Ray restarts the actor and re-runs its batches); then, once shard 1 is committed, the worker process
+    running a shard's read task is SIGKILLed (the shard restarts from its first sample, its temporary part
+    deleted). The store is byte-identical to the reference."""
     out = tmp_path / "store"
     me = os.getpid()
     earlier = {p.pid for p in ray_processes(me, DETECTOR_TITLE)}  # actors of earlier tests, if still dying
-    killer = Killer(
+    actor_killer = Killer(
         ready=lambda: markers(out) >= 1,
         victims=lambda: [p for p in ray_processes(me, DETECTOR_TITLE) if p.pid not in earlier],
         store=out,
     )
-    killer.start()
+    read_killer = Killer(
+        ready=lambda: markers(out) >= 2, victims=lambda: ray_processes(me, READER_TITLE), store=out
+    )
+    caplog.set_level(logging.WARNING, logger="pipelines.extract")
+    for killer in (actor_killer, read_killer):
+        killer.start()
     try:
         summary = extract(shards, str(out), SLOW)
     finally:
-        killer.stop.set()
-        killer.join()
-    assert len(killer.killed) == 1, "the detector actor was not found or the run ended first"
-    assert 1 <= killer.markers_at_kill < len(shards), killer.markers_at_kill
+        for killer in (actor_killer, read_killer):
+            killer.stop.set()
+            killer.join()
+    assert len(actor_killer.killed) == 1, "the detector actor was not found or the run ended first"
+    assert 1 <= actor_killer.markers_at_kill < len(shards), actor_killer.markers_at_kill
+    assert len(read_killer.killed) == 1, "no read task was running after shard 1 committed"
+    assert read_killer.markers_at_kill < len(shards), read_killer.markers_at_kill
+    restarts = [r.getMessage() for r in caplog.records if "attempt 1 failed" in r.getMessage()]
+    assert len(restarts) == 1, restarts  # the killed read task's shard started over (read tasks block on
+    # Ray's generator backpressure until the driver takes their chunks, so the kill lands mid-stream)
     assert summary.exit_code == 0 and summary.failed_shards == [], summary
     assert_store_invariants(out)
     assert_stores_identical(out, reference)
