@@ -398,9 +398,9 @@ class RoIHeads(nn.Module):
         """
         indexed = torch.cat(
             [torch.cat([b.new_full((b.shape[0], 1), float(i)), b], dim=1) for i, b in enumerate(rois)]
-        ).to(features.dtype)
+        ).float()  # coordinates stay float32 under autocast (bf16 would round 600 px to multiples of 4)
         size = self.config.roi_pool_size
-        return roi_pool(features, indexed, (size, size), 1.0 / self.config.feature_stride_px)
+        return roi_pool(features.float(), indexed, (size, size), 1.0 / self.config.feature_stride_px)
 
     def _pooled(self, feature_map: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         return self.res5(self.roi_pool(feature_map, [boxes])).mean(dim=(2, 3))
