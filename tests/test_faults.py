@@ -377,7 +377,9 @@ def test_in_flight_meter_matches_a_brute_force_count() -> None:
     """``InFlightMeter`` against a count over every moment, on seeded random take/leave sequences."""
     rng = random.Random(5)
     for _ in range(200):
-        meter, open_batches, timeline = InFlightMeter(), [], []
+        meter = InFlightMeter()
+        open_batches: list[int] = []
+        timeline: list[tuple[str, int, int]] = []
         for _ in range(rng.randrange(1, 30)):
             if open_batches and rng.random() < 0.5:
                 token = open_batches.pop(rng.randrange(len(open_batches)))
@@ -434,9 +436,7 @@ def _raylet_pid(node: object) -> int:
 
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_node_removed_while_shards_in_flight(
-    reference: Path, shards: list[str], tmp_path: Path, own_processes
-) -> None:
+def test_node_removed_while_shards_in_flight(reference: Path, shards: list[str], tmp_path: Path) -> None:
     """Fault 3: a 3-node ``Cluster`` (a head without CPUs, two 2-CPU workers); the extract joins it with
     ``--address``; once shard 0 is committed, the node running the detector actor is removed. Ray restarts
     the actor on the other node, shards whose read task or chunks were lost restart, and the store is
