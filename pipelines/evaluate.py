@@ -73,6 +73,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=DEFAULT_EVAL_BATCH)
     parser.add_argument("--beam-size", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0, help="negatives and control permutations")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default="", help="report directory (default RUN/eval[-control])")
 
 
@@ -374,6 +375,8 @@ def evaluate(args: argparse.Namespace) -> Path:
     from workers.store import StoreReader
 
     tasks, control = _parse_tasks(args.task), _control(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir).resolve()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, run_info = load_trained_model(run_dir, args.checkpoint, device)

@@ -3,8 +3,8 @@
 Two kinds:
     * `random_rows`: random features and boxes, captions of random real WordPiece ids.
     * `planted_rows`: a planted signal. Each image shows ``WORDS_PER_IMAGE`` of `PLANTED_WORD_IDS`; each of its
-      regions carries the one-hot code of one of those words (plus noise), and each of its captions names
-      exactly those words (in a random order). A model that learns to match caption words to region codes
+      regions carries the multi-hot code of those words (plus noise), and each of its captions names exactly
+      those words (in a random order). A model that learns to match caption words to region codes
       scores matching and retrieval above chance; with the visual rows shuffled across images it cannot.
 """
 
@@ -84,8 +84,7 @@ def planted_rows(
         words = combos[int(rng.integers(len(combos)))]
         n = 2 * WORDS_PER_IMAGE
         features = rng.normal(scale=noise, size=(n, feature_dim))
-        for r in range(n):
-            features[r, words[r % WORDS_PER_IMAGE]] += 1.0
+        features[:, list(words)] += 1.0  # every region carries the multi-hot code of the image's words
         captions = [
             [CLS, *[PLANTED_WORD_IDS[w] for w in rng.permutation(words)], SEP]
             for _ in range(captions_per_image)
@@ -101,3 +100,43 @@ def write_store(root: Path, rows: list[dict[str, Any]], feature_dim: int, num_sh
     by_shard = {f"shard-{s:03d}": rows[s::num_shards] for s in range(num_shards)}
     write_test_store(str(root), by_shard, feature_dim)
     return root
+
+
+VQA_ANSWERS = ("yes", "no", "2", "red", "blue")
+
+
+def write_vqa(
+    directory: Path, image_ids: list[int], seed: int = 0, questions_per_image: int = 2
+) -> tuple[Path, Path]:
+    """Official-shaped VQA v2 questions + annotations files naming ``image_ids``; returns their paths."""
+    import json
+
+    rng = np.random.default_rng(seed)
+    questions, annotations = [], []
+    for image_id in image_ids:
+        for k in range(questions_per_image):
+            qid = image_id * 10 + k
+            majority = VQA_ANSWERS[int(rng.integers(len(VQA_ANSWERS)))]
+            answers = [majority] * 7 + [VQA_ANSWERS[int(rng.integers(len(VQA_ANSWERS)))] for _ in range(3)]
+            qtype = "is the" if majority in ("yes", "no") else "what color is the"
+            questions.append(
+                {"image_id": image_id, "question": f"what color is thing {k}?", "question_id": qid}
+            )
+            annotations.append(
+                {
+                    "question_id": qid,
+                    "image_id": image_id,
+                    "question_type": qtype,
+                    "answer_type": "yes/no" if qtype == "is the" else "other",
+                    "multiple_choice_answer": majority,
+                    "answers": [
+                        {"answer": a, "answer_confidence": "yes", "answer_id": i + 1}
+                        for i, a in enumerate(answers)
+                    ],
+                }
+            )
+    directory.mkdir(parents=True, exist_ok=True)
+    qpath, apath = directory / "questions.json", directory / "annotations.json"
+    qpath.write_text(json.dumps({"questions": questions}))
+    apath.write_text(json.dumps({"annotations": annotations}))
+    return qpath, apath

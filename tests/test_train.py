@@ -1,0 +1,133 @@
+"""regionflow train on a real Ray runtime: 2 workers on a tiny store, all four tasks round-robin, exact resume,
+a killed worker restarted by FailureConfig, and bad input refused before Ray starts."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_store import random_rows, write_store, write_vqa
+
+from pipelines.cli import main
+from pipelines.train import EXIT_BAD_INPUT, FAULT_MARKER, LOSSES_FILE, MODEL_FILE, RAY_TRAIN_DIR, RUN_FILE
+
+D = 8
+TASKS = "retrieval,pretrain,vqa,caption"
+MAX_STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def tiny_inputs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("train_inputs")
+    rows = random_rows(num_images=40, feature_dim=D, seed=11, captions_per_image=2, with_image_ids=True)
+    store = write_store(root / "store", rows, D, num_shards=2)
+    questions, annotations = write_vqa(root / "vqa", [r["image_id"] for r in rows])
+    return {"store": store, "questions": questions, "annotations": annotations}
+
+
+def _train_args(inputs: dict[str, Path], out: Path, *extra: str) -> list[str]:
+    return [
+        "train", str(inputs["store"]), "--task", TASKS, "--workers", "2", "--out", str(out),
+        "--max-steps", str(MAX_STEPS), "--model-config", "tiny", "--batch-size", "4", "--checkpoint-every", "2",
+        "--threads", "1", "--warmup-steps", "2", "--lr", "1e-3", "--seed", "5",
+        "--vqa-questions", str(inputs["questions"]), "--vqa-annotations", str(inputs["annotations"]),
+        "--vqa-min-answer-count", "1", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_inputs, tmp_path_factory, ray_session) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted") / "run"
+    assert main(_train_args(tiny_inputs, out)) == 0
+    return out
+
+
+def _losses(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / LOSSES_FILE).read_text().splitlines()]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / MODEL_FILE, weights_only=True)["model"]
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def test_two_workers_all_tasks_round_robin(uninterrupted, tiny_inputs):
+    run = json.loads((uninterrupted / RUN_FILE).read_text())
+    assert run["tasks"] == TASKS.split(",")
+    assert run["model_config"]["feature_dim"] == D and run["model_config"]["num_answers"] == 5
+    assert sorted(run["vqa"]["answer_vocab"]) == ["2", "blue", "no", "red", "yes"]
+    split = run["split"]
+    assert split["holdout_fraction"] == 0.2 and "sha256" in split["hash_rule"]
+    assert split["images"]["train"] + split["images"]["heldout"] == 40
+    assert split["pairs"]["train"] == 2 * split["images"]["train"]
+    assert split["questions"]["train"] == 2 * split["images"]["train"]
+    assert len(run["store"]["manifest_digest"]) == 64
+    losses = _losses(uninterrupted)
+    assert [r["step"] for r in losses] == list(range(1, MAX_STEPS + 1))
+    assert [r["task"] for r in losses] == TASKS.split(",") * (MAX_STEPS // 4)
+    assert all(r["loss"] > 0 for r in losses)
+    assert set(losses[2]["parts"]) == {"vqa"} and set(losses[1]["parts"]) == {"mlm", "mrm", "itm"}
+    saved = torch.load(uninterrupted / MODEL_FILE, weights_only=True)
+    assert saved["model_config"] == run["model_config"]
+    checkpoints = sorted(p.name for p in (uninterrupted / RAY_TRAIN_DIR).glob("checkpoint_*") if p.is_dir())
+    assert checkpoints[-1] == f"checkpoint_{MAX_STEPS:08d}"
+    throughput = json.loads((uninterrupted / "throughput.json").read_text())
+    assert throughput["workers"] == 2 and throughput["steps"] == MAX_STEPS
+
+
+def test_resume_equals_an_uninterrupted_run(uninterrupted, tiny_inputs, tmp_path, ray_session):
+    out = tmp_path / "run"
+    assert main(_train_args(tiny_inputs, out, "--stop-after-steps", str(MAX_STEPS // 2))) == 0
+    assert len(_losses(out)) == MAX_STEPS // 2 and not (out / MODEL_FILE).exists()
+    assert main(_train_args(tiny_inputs, out, "--resume")) == 0
+    assert _losses(out) == _losses(uninterrupted)
+    _assert_same_weights(out, uninterrupted)
+
+
+def test_killed_worker_is_restarted_from_the_last_checkpoint(
+    uninterrupted, tiny_inputs, tmp_path, ray_session
+):
+    out = tmp_path / "run"
+    # rank 1 calls os._exit(1) before step 3 (the checkpoint of step 2 exists); FailureConfig restarts the group
+    assert main(_train_args(tiny_inputs, out, "--inject-fault", "1:3", "--max-failures", "1")) == 0
+    assert (out / FAULT_MARKER).exists()
+    assert _losses(out) == _losses(uninterrupted)
+    _assert_same_weights(out, uninterrupted)
+
+
+def test_bad_input_is_refused(tiny_inputs, tmp_path, uninterrupted, caplog):
+    other = tmp_path / "other_version"
+    write_store(other, random_rows(4, D), D, num_shards=1)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 99}))
+    args = _train_args(tiny_inputs, tmp_path / "r1")
+    args[1] = str(other)
+    assert main(args) == EXIT_BAD_INPUT
+    assert "schema version 99" in caplog.text
+    # an existing run without --resume, and --resume without a run
+    assert main(_train_args(tiny_inputs, uninterrupted)) == EXIT_BAD_INPUT
+    assert main(_train_args(tiny_inputs, tmp_path / "nothing", "--resume")) == EXIT_BAD_INPUT
+    # a resume with other arguments
+    assert main([*_train_args(tiny_inputs, uninterrupted, "--resume"), "--batch-size", "2"]) == EXIT_BAD_INPUT
+    assert "train.batch_size" in caplog.text
+    # VQA questions naming images the store lacks
+    qpath, apath = write_vqa(tmp_path / "vqa", [1000, 1001, 777, 778])
+    args = _train_args(tiny_inputs, tmp_path / "r2")
+    args[args.index("--vqa-questions") + 1], args[args.index("--vqa-annotations") + 1] = (
+        str(qpath),
+        str(apath),
+    )
+    assert main(args) == EXIT_BAD_INPUT
+    assert "2 image id(s) named by the VQA questions are absent from the store: 777, 778" in caplog.text
+    # an empty training split
+    args = _train_args(tiny_inputs, tmp_path / "r3")
+    assert main([*args, "--holdout-fraction", "0.999999"]) == EXIT_BAD_INPUT
+    assert "training split is empty" in caplog.text
