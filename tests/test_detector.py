@@ -11,6 +11,7 @@ import logging
 import re
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -20,6 +21,7 @@ from workers.detector import (
     RegionDetector,
     RegionDetectorModel,
     caffe_cell_anchors,
+    prepare_image,
     resized_size,
     valid_feature_size,
 )
@@ -49,8 +51,6 @@ def synthetic_images() -> list[np.ndarray]:
 def coco_images(count: int) -> list[np.ndarray]:
     if not COCO_IMAGES.is_dir():
         pytest.skip(f"real images not found at {COCO_IMAGES}")
-    import cv2
-
     files = sorted(COCO_IMAGES.glob("*.jpg"))[:count]
     return [cv2.cvtColor(cv2.imread(str(f)), cv2.COLOR_BGR2RGB) for f in files]
 
@@ -148,6 +148,44 @@ def test_cell_anchors_are_caffe_generate_anchors():
 def test_resized_size(name, size, expected):
     height, width, scale = resized_size(*size, detector_config(name))
     assert (height, width) == expected[:2] and scale == pytest.approx(expected[2])
+
+
+def caffe_image_blob(image_rgb: np.ndarray, min_size: int, max_size: int) -> tuple[np.ndarray, float]:
+    """py-faster-rcnn ``_get_image_blob`` / MILVLG ``get_image_blob``, written out for one scale: BGR minus
+    means, scale by the short side unless the rounded long side passes ``max_size``, resize by fx = fy."""
+    im = image_rgb[:, :, ::-1].astype(np.float32) - np.array([102.9801, 115.9465, 122.7717], np.float32)
+    im_scale = float(min_size) / float(min(im.shape[:2]))
+    if np.round(im_scale * max(im.shape[:2])) > max_size:
+        im_scale = float(max_size) / float(max(im.shape[:2]))
+    return cv2.resize(im, None, None, fx=im_scale, fy=im_scale, interpolation=cv2.INTER_LINEAR), im_scale
+
+
+@pytest.mark.parametrize(
+    "size",
+    [(427, 640), (480, 640), (333, 500), (481, 641), (599, 601), (375, 499), (1, 1), (7, 2999), (2999, 3)],
+)
+def test_prepare_image_resizes_as_the_caffe_extractors(size):
+    config = detector_config("butd-r101-c4")
+    image = np.random.default_rng(sum(size)).integers(0, 256, size=(*size, 3), dtype=np.uint8)
+    tensor, scale = prepare_image(image, config)
+    expected, expected_scale = caffe_image_blob(image, 600, 1000)
+    assert scale == expected_scale
+    assert tuple(tensor.shape) == (3, *resized_size(*size, config)[:2]) == (3, *expected.shape[:2])
+    np.testing.assert_array_equal(tensor.permute(1, 2, 0).numpy(), expected)
+    if size == (
+        427,
+        640,
+    ):  # resizing to the explicit size 600 x 899 samples another grid (899/640 != 600/427)
+        by_size = cv2.resize(image[:, :, ::-1].astype(np.float32), (899, 600), interpolation=cv2.INTER_LINEAR)
+        by_scale = cv2.resize(image[:, :, ::-1].astype(np.float32), None, None, fx=scale, fy=scale)
+        assert not np.array_equal(by_size, by_scale)
+
+
+def test_prepare_image_extreme_aspect_keeps_one_pixel():
+    # 1 x 2001: scale 1000/2001 rounds the height to 0, which OpenCV refuses; we keep 1 px (explicit size)
+    image = np.zeros((1, 2001, 3), dtype=np.uint8)
+    tensor, scale = prepare_image(image, detector_config("butd-r101-c4"))
+    assert tuple(tensor.shape) == (3, 1, 1000) and scale == pytest.approx(1000 / 2001)
 
 
 def test_bucket_is_resized_size_rounded_up(tiny):

@@ -516,7 +516,8 @@ def resized_size(height_px: int, width_px: int, config: DetectorConfig) -> tuple
 
     Scale so the short side is ``min_size_px``, unless the long side would then exceed ``max_size_px`` (rounded
     as Caffe did), then scale the long side to ``max_size_px``. Returns ``(h, w, scale)`` with
-    ``h = round(height_px · scale)`` (half to even, as OpenCV's resize).
+    ``h = round(height_px · scale)``, half to even: the size ``cv2.resize(im, None, fx=scale, fy=scale)``
+    produces (OpenCV rounds ``size · scale`` with ``cvRound``), floored at 1 px (see ``prepare_image``).
     """
     short, long = min(height_px, width_px), max(height_px, width_px)
     scale = config.min_size_px / short
@@ -553,12 +554,25 @@ class PreparedImage:
 
 
 def prepare_image(image_rgb: np.ndarray, config: DetectorConfig) -> tuple[torch.Tensor, float]:
-    """uint8 RGB ``[H, W, 3]`` → float32 BGR − means ``[3, h, w]`` resized bilinearly (Caffe order: subtract, then
-    resize, as ``_get_image_blob``), and its scale."""
+    """uint8 RGB ``[H, W, 3]`` → float32 BGR − means ``[3, h, w]`` resized bilinearly, and its scale.
+
+    As the Caffe and MILVLG extractors (py-faster-rcnn ``lib/fast_rcnn/test.py`` ``_get_image_blob``, MILVLG
+    ``utils/extract_utils.py`` ``get_image_blob``): subtract the means, then
+    ``cv2.resize(im, None, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)``. Passing the scale
+    (not the output size) matters: OpenCV samples source pixel ``(x + 0.5) / fx - 0.5`` for output ``x``, and
+    with an explicit size it uses ``w_out / w`` instead of ``fx``, a different grid for most images.
+
+    An aspect ratio beyond ~2 · max_size_px : 1 rounds the short side to 0 px, which OpenCV refuses (the
+    reference extractors fail there); such an image is resized to 1 px on that side through an explicit size.
+    """
     height, width = image_rgb.shape[:2]
     out_h, out_w, scale = resized_size(height, width, config)
     bgr = image_rgb[:, :, ::-1].astype(np.float32) - np.asarray(config.pixel_means_bgr, dtype=np.float32)
-    resized = cv2.resize(bgr, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+    if round(height * scale) >= 1 and round(width * scale) >= 1:
+        resized = cv2.resize(bgr, None, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
+    else:
+        resized = cv2.resize(bgr, (out_w, out_h), interpolation=cv2.INTER_LINEAR)
+    assert resized.shape[:2] == (out_h, out_w), f"OpenCV gave {resized.shape[:2]}, expected {(out_h, out_w)}"
     return torch.from_numpy(np.ascontiguousarray(resized.transpose(2, 0, 1))), scale
 
 
