@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+from invariants import assert_store_invariants
 from tarfactory import caption_json, make_jpeg, simple_sample
 
 from pipelines import cli
@@ -158,6 +159,7 @@ def test_killed_detector_actor_neither_drops_nor_duplicates(
     summary = extract(shards, str(out), config, fault=fault)
     assert (tmp_path / "killed-once").exists()  # the actor did die mid-shard
     assert summary.exit_code == 0 and summary.rows == GOOD_ROWS
+    assert_store_invariants(out)
     assert files_of(out) == files_of(store)
 
 
@@ -169,6 +171,7 @@ def test_resume_after_crash(store: Path, shards: list[str], tmp_path: Path) -> N
     (out / PARTS_DIR / "sa-001.arrow").rename(out / PARTS_DIR / "sa-001.arrow.tmp")
     summary = extract(shards, str(out), TINY)
     assert (summary.shards_done, summary.shards_skipped, summary.stray_temporaries_removed) == (1, 2, 1)
+    assert_store_invariants(out)
     assert files_of(out) == files_of(store)
 
 
@@ -184,6 +187,7 @@ def test_failed_shard_exits_2(shards: list[str], tmp_path: Path, capsys, ray_ses
     assert summary["shards_done"] == 1 and summary["rows"] == 4
     assert [f["shard"] for f in manifest_of(out)["failed_shards"]] == ["gone-000"]
     assert sorted(files_of(out)) == ["sa-000.arrow", "sa-000.done.json", "sa-000.errors.arrow"]
+    assert_store_invariants(out)
 
 
 def test_other_digest_refused_then_overwritten(
