@@ -69,7 +69,7 @@ def test_suppressed_in_one_class_keeps_its_score_in_another():
     prob = planted([{1: 0.5, 2: 0.05}, {1: 0.4, 2: 0.3}, {1: 0.1, 3: 0.25}])
     sel = select_boxes(props, prob, BoxSelectionConfig())
     np.testing.assert_allclose(sel.max_conf, [0.5, 0.3, 0.25], rtol=0, atol=1e-7)
-    # fewer proposals (3) than the floor (10): all kept, descending max_conf
+    # 3 above 0.2, fewer than the floor (10): the top 10 by max_conf = all 3, descending max_conf
     assert sel.keep.tolist() == [0, 1, 2]
     # object ids are the argmax over foreground, independent of NMS: A class 1, B class 1 (0.4), C class 3
     assert sel.object_ids.tolist() == [1, 1, 3]
@@ -142,14 +142,19 @@ def test_background_is_never_the_object():
 # --- threshold, floor, cap, fixed K ------------------------------------------------------------------------
 
 THRESHOLD_SCORES = [0.2, 0.9, 0.19, 0.3, 0.35, 0.1, 0.4, 0.45, 0.5, 0.05, 0.55, 0.6, 0.65, 0.7, 0.75]
-# >= 0.2: indices 0 (exactly 0.2), 1, 3, 4, 6, 7, 8, 10, 11, 12, 13, 14 -> 12 boxes (floor 10 <= 12 <= cap 100)
-THRESHOLD_EXPECTED = [1, 14, 13, 12, 11, 10, 8, 7, 6, 4, 3, 0]
+# >= 0.2: indices 0 (exactly 0.2), 1, 3, 4, 6, 7, 8, 10, 11, 12, 13, 14 -> 12 boxes, floor 10 <= 12 <= cap 100:
+# kept in proposal order (generate_tsv.py: np.where(max_conf >= conf_thresh)[0])
+THRESHOLD_EXPECTED = [0, 1, 3, 4, 6, 7, 8, 10, 11, 12, 13, 14]
+# the same 15 proposals by descending max_conf: 1 (0.9), 14 (0.75), 13, 12, 11, 10, 8, 7, 6, 4, 3, 0 (0.2),
+# then 2 (0.19), 5 (0.1), 9 (0.05)
+THRESHOLD_SORTED = [1, 14, 13, 12, 11, 10, 8, 7, 6, 4, 3, 0, 2, 5, 9]
 FLOOR_SCORES = [0.05, 0.3, 0.01, 0.02, 0.25, 0.03, 0.04, 0.06, 0.07, 0.08, 0.09, 0.5, 0.11, 0.12, 0.13]
-# >= 0.2: only 11 (0.5), 1 (0.3), 4 (0.25) -> 3 < 10 -> the top 10 by max_conf:
+# >= 0.2: only 11 (0.5), 1 (0.3), 4 (0.25) -> 3 < 10 -> the top 10 by max_conf, descending
+# (np.argsort(max_conf)[::-1][:MIN_BOXES]):
 FLOOR_EXPECTED = [11, 1, 4, 14, 13, 12, 10, 9, 8, 7]
 
 
-def test_threshold_keeps_max_conf_at_least_point_two():
+def test_threshold_keeps_max_conf_at_least_point_two_in_proposal_order():
     sel = select_boxes(disjoint_boxes(15), one_score_each(THRESHOLD_SCORES), BoxSelectionConfig())
     assert sel.keep.tolist() == THRESHOLD_EXPECTED
     assert sel.object_ids.tolist() == [i % 3 + 1 for i in THRESHOLD_EXPECTED]
@@ -183,16 +188,41 @@ def test_cap_of_one_hundred():
 def test_fixed_k_is_floor_and_cap():
     fixed = BoxSelectionConfig(mode="fixed", num_boxes=5)
     above = select_boxes(disjoint_boxes(15), one_score_each(THRESHOLD_SCORES), fixed)  # 12 above -> cut to 5
-    assert above.keep.tolist() == THRESHOLD_EXPECTED[:5]
+    assert above.keep.tolist() == [1, 14, 13, 12, 11]  # the top 5 by max_conf, descending
     below = select_boxes(disjoint_boxes(15), one_score_each(FLOOR_SCORES), fixed)  # 3 above -> raised to 5
-    assert below.keep.tolist() == FLOOR_EXPECTED[:5]
+    assert below.keep.tolist() == [11, 1, 4, 14, 13]  # FLOOR_EXPECTED[:5]
+
+
+def test_fixed_k_with_exactly_k_above_keeps_proposal_order():
+    # generate_tsv.py with MIN_BOXES = MAX_BOXES = K: exactly K above the threshold is neither < MIN nor > MAX,
+    # so np.where's proposal order stays. 12 proposals pass 0.2 in THRESHOLD_SCORES: K = 12 keeps them in index
+    # order; K = 11 (12 > 11) and K = 13 (12 < 13) sort.
+    props, prob = disjoint_boxes(15), one_score_each(THRESHOLD_SCORES)
+    exact = select_boxes(props, prob, BoxSelectionConfig(mode="fixed", num_boxes=12))
+    assert exact.keep.tolist() == THRESHOLD_EXPECTED
+    cut = select_boxes(props, prob, BoxSelectionConfig(mode="fixed", num_boxes=11))
+    assert cut.keep.tolist() == THRESHOLD_SORTED[:11]
+    raised = select_boxes(props, prob, BoxSelectionConfig(mode="fixed", num_boxes=13))
+    assert raised.keep.tolist() == THRESHOLD_SORTED[:13]  # ..., 0 (0.2), then 2 (0.19)
+
+
+def test_counts_at_the_floor_and_the_cap_keep_proposal_order():
+    # max_conf 0.3, 0.9, 0.1, 0.5 -> above 0.2: 0, 1, 3 (three)
+    max_conf = torch.tensor([0.3, 0.9, 0.1, 0.5])
+    assert choose_by_max_conf(max_conf, conf_threshold=0.2, floor=3, cap=5).tolist() == [
+        0,
+        1,
+        3,
+    ]  # 3 == floor
+    assert choose_by_max_conf(max_conf, conf_threshold=0.2, floor=1, cap=3).tolist() == [0, 1, 3]  # 3 == cap
+    assert choose_by_max_conf(max_conf, conf_threshold=0.2, floor=1, cap=2).tolist() == [1, 3]  # 0.9, 0.5
+    assert choose_by_max_conf(max_conf, conf_threshold=0.2, floor=4, cap=9).tolist() == [1, 3, 0, 2]
 
 
 def test_fixed_36_with_fewer_proposals_stores_them_all():
-    # 15 proposals < K = 36: every proposal is stored, in descending max_conf (same order as the threshold case
-    # for the 12 above 0.2, then 2 (0.19), 5 (0.1), 9 (0.05)).
+    # 15 proposals, 12 above 0.2 < K = 36: the top 36 by max_conf = every proposal, descending max_conf.
     sel = select_boxes(disjoint_boxes(15), one_score_each(THRESHOLD_SCORES), BoxSelectionConfig(mode="fixed"))
-    assert sel.keep.tolist() == [*THRESHOLD_EXPECTED, 2, 5, 9]
+    assert sel.keep.tolist() == THRESHOLD_SORTED
 
 
 def test_no_proposals():
@@ -201,11 +231,37 @@ def test_no_proposals():
 
 
 def test_ties_break_by_lower_index():
-    # six disjoint proposals, all 0.5 in class 1: order is index order; fixed K = 3 keeps 0, 1, 2.
+    # six disjoint proposals, all 0.5 in class 1: 6 > K = 3 -> sorted, equal max_conf -> lower index first.
     sel = select_boxes(
         disjoint_boxes(6), planted([{1: 0.5}] * 6), BoxSelectionConfig(mode="fixed", num_boxes=3)
     )
     assert sel.keep.tolist() == [0, 1, 2]
+    # raised to the floor through ties at 0: 1 and 4 (0.5), then 0, 2, 3 (0) by index -> floor 4 keeps 0 and 2
+    max_conf = torch.tensor([0.0, 0.5, 0.0, 0.0, 0.5])
+    assert choose_by_max_conf(max_conf, conf_threshold=0.2, floor=4, cap=9).tolist() == [1, 4, 0, 2]
+
+
+def generate_tsv_keep(max_conf: np.ndarray, conf_thresh: float, min_boxes: int, max_boxes: int) -> np.ndarray:
+    """The selection lines of bottom-up-attention ``tools/generate_tsv.py`` (``get_detections_from_im``)."""
+    keep_boxes = np.where(max_conf >= conf_thresh)[0]
+    if len(keep_boxes) < min_boxes:
+        keep_boxes = np.argsort(max_conf)[::-1][:min_boxes]
+    elif len(keep_boxes) > max_boxes:
+        keep_boxes = np.argsort(max_conf)[::-1][:max_boxes]
+    return keep_boxes
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_choice_equals_generate_tsv_on_distinct_scores(seed):
+    # distinct float32 max_conf values (a permutation of a grid), counts below, within and above the limits
+    rng = np.random.default_rng(seed)
+    count = int(rng.integers(1, 300))
+    max_conf = (rng.permutation(count) / count).astype(np.float32)
+    for thresh in (0.0, 0.2, 0.5, 0.9, 0.99):
+        for low, high in ((10, 100), (36, 36), (1, count), (count, count + 5)):
+            expected = generate_tsv_keep(max_conf, thresh, low, high)
+            got = choose_by_max_conf(torch.from_numpy(max_conf), conf_threshold=thresh, floor=low, cap=high)
+            np.testing.assert_array_equal(got.numpy(), expected)
 
 
 # --- against an independent per-class loop, and batching ------------------------------------------------

@@ -6,18 +6,28 @@ bottom-up-attention.pytorch ``save_roi_features``), written here as our own vect
 1. For each foreground class c (1..C-1), greedy NMS at ``nms_iou`` over the proposals ordered by class-c
    score; a proposal is suppressed by a kept, higher-ranked proposal whose IoU with it is ``> nms_iou``.
 2. ``max_conf[p]`` = the highest class score of p among the classes in which p survived (0 if none).
-3. Keep the proposals with ``max_conf >= conf_threshold``; fewer than the floor → the top ``floor`` by
-   ``max_conf``; more than the cap → the top ``cap`` (fixed K: floor = cap = K). With fewer proposals than
-   the floor, all proposals are kept (the image stores fewer boxes; ``num_boxes`` says how many).
+3. Keep the proposals with ``max_conf >= conf_threshold``, in proposal order (``np.where``); fewer than the
+   floor → the top ``floor`` by ``max_conf``, in descending ``max_conf`` order (``np.argsort(max_conf)[::-1]``);
+   more than the cap → the top ``cap``, in descending order. Fixed K is floor = cap = K (``MIN_BOXES =
+   MAX_BOXES = 36`` in ``generate_tsv.py``): sorted, except when exactly K pass the threshold, which keeps
+   proposal order as ``generate_tsv.py`` does. With fewer proposals than the floor, all proposals are kept,
+   sorted (the image stores fewer boxes; ``num_boxes`` says how many). Proposal order is the RPN's (descending
+   objectness after NMS), as the Caffe ``rois`` blob.
 
 One IoU matrix per image serves every class: the greedy NMS runs for all classes at once, stepping through
 rank positions with a ``[C-1, P]`` boolean state (no Python loop over classes).
 
 Conventions: IoU with legacy ``+1`` pixel areas when ``area_plus_one`` (a box covers ``x2 - x1 + 1``
 pixels, as maskrcnn-benchmark's and py-faster-rcnn's NMS): computed as the plain IoU of the boxes
-``[x1, y1, x2 + 1, y2 + 1]``. Ties are broken deterministically by a stable sort: among equal scores the
-lower proposal index ranks first (numpy's ``argsort()[::-1]`` in ``generate_tsv.py`` is not stable).
-Kept boxes are returned in descending ``max_conf`` order.
+``[x1, y1, x2 + 1, y2 + 1]``.
+
+Ties: every sort here is stable and descending, so among equal scores the lower proposal index ranks first
+(in the per-class NMS and in the clamped ``max_conf`` order). The references leave ties unspecified: numpy's
+default ``argsort`` and torch's non-stable ``argsort`` order equal values differently depending on the array
+length (measured: reversed index order up to 16 elements, scrambled beyond). So the kept regions and their
+order equal ``generate_tsv.py``'s whenever the ``max_conf`` values are distinct (with ties, when equal values
+straddle the floor or cap, which of them is kept may differ). The commonest tie, ``max_conf = 0`` (suppressed
+in every class), matters only when fewer than ``floor`` proposals survive anywhere.
 """
 
 from __future__ import annotations
@@ -38,7 +48,8 @@ class BoxSelection:
     """Result of ``select_boxes`` for one image with P proposals and K kept boxes.
 
     Attributes:
-        keep: int64 ``[K]``, indices into the proposals, in descending ``max_conf`` order (stable).
+        keep: int64 ``[K]``, indices into the proposals: ascending (proposal order) when the count above the
+            threshold lies within [floor, cap], else descending ``max_conf`` (ties: lower index first).
         max_conf: float32 ``[P]``, every proposal's ``max_conf`` (0 where suppressed in every class).
         object_ids: int16 ``[K]``, argmax over the foreground classes (1..C-1) of the kept boxes.
         object_conf: float32 ``[K]``, the class probability at ``object_ids``.
@@ -125,18 +136,23 @@ def _pack_bits(mask: torch.Tensor) -> torch.Tensor:
 def choose_by_max_conf(
     max_conf: torch.Tensor, *, conf_threshold: float, floor: int, cap: int
 ) -> torch.Tensor:
-    """Indices of the kept proposals, in descending ``max_conf`` order (stable: lower index first on ties).
+    """Indices of the kept proposals, in ``generate_tsv.py``'s order (module docstring, step 3).
 
-    Keeps ``max_conf >= conf_threshold`` (compared in ``max_conf``'s dtype), raised to ``floor`` and cut to
-    ``cap``; never more than there are proposals.
+    ``max_conf >= conf_threshold`` (compared in ``max_conf``'s dtype) in proposal order when their count N
+    satisfies ``floor <= N <= cap``; otherwise the top ``floor`` (N < floor) or ``cap`` (N > cap) by
+    ``max_conf``, descending, lower index first on ties; never more than there are proposals.
+
+    Args:
+        max_conf: float ``[P]``.
 
     Returns:
-        int64 ``[K]`` with ``K = min(P, clamp(#above threshold, floor, cap))``.
+        int64 ``[K]`` with ``K = min(P, clamp(N, floor, cap))``.
     """
+    above = torch.nonzero(max_conf >= conf_threshold).flatten()  # np.where(max_conf >= conf_thresh)[0]
+    if floor <= above.numel() <= cap:
+        return above
     order = torch.sort(max_conf, descending=True, stable=True).indices
-    num_above = int((max_conf >= conf_threshold).sum())
-    num_keep = min(max(num_above, floor), cap, max_conf.shape[0])
-    return order[:num_keep]
+    return order[: floor if above.numel() < floor else cap]
 
 
 def select_boxes(

@@ -802,7 +802,7 @@ class RegionDetector:
     def _select(
         self, group: list[PreparedImage], boxes_px: list[torch.Tensor], heads: list[RegionHeadOutput]
     ) -> list[torch.Tensor | None]:
-        """Per image, indices of the kept proposals in descending ``max_conf`` order (None: given boxes)."""
+        """Per image, indices of the kept proposals in ``generate_tsv.py``'s order (None: given boxes)."""
         need = [i for i, item in enumerate(group) if item.given_boxes is None]
         keeps: list[torch.Tensor | None] = [None] * len(group)
         if not need:
