@@ -94,10 +94,13 @@ class _RaggedRows:
         self.values = flat[inner.offset * width :].reshape(-1, width)
         self.width = width
 
-    def row(self, i: int) -> np.ndarray | None:
-        if not self.valid[i]:
-            return None
+    def row(self, i: int) -> np.ndarray:
+        """Row ``i`` as ``[n, width]`` (a non-null column; schema v1 makes features and boxes non-null)."""
+        assert self.valid[i], "row() on a null entry"
         return self.values[self.offsets[i] : self.offsets[i + 1]]
+
+    def row_or_none(self, i: int) -> np.ndarray | None:
+        return self.row(i) if self.valid[i] else None
 
 
 class _ShardRows:
@@ -225,7 +228,7 @@ class StoreImages:
         features = src_shard.features.row(src_row)
         if features.shape[0] != boxes.shape[0]:
             features = features[np.arange(boxes.shape[0]) % max(1, features.shape[0])]
-        cls_prob = None if own_shard.cls_prob is None else own_shard.cls_prob.row(own_row)
+        cls_prob = None if own_shard.cls_prob is None else own_shard.cls_prob.row_or_none(own_row)
         return VisualRow(features, boxes, own_shard.sizes[own_row], cls_prob)
 
 
@@ -380,18 +383,19 @@ def _all_or_none(samples: Sequence[Sample], name: str) -> bool:
 
 def _with_targets(batch: Batch, samples: Sequence[Sample], n: int, with_cls_prob: bool) -> Batch:
     changes: dict[str, Any] = {}
-    if with_cls_prob and all(s.visual.cls_prob is not None for s in samples):
-        c = samples[0].visual.cls_prob.shape[1]
-        cls_prob = np.zeros((len(samples), n, c), dtype=np.float32)
-        for i, s in enumerate(samples):
-            cls_prob[i, : s.visual.cls_prob.shape[0]] = s.visual.cls_prob
+    probs = [s.visual.cls_prob for s in samples]
+    if with_cls_prob and all(p is not None for p in probs):
+        present = [p for p in probs if p is not None]
+        cls_prob = np.zeros((len(samples), n, present[0].shape[1]), dtype=np.float32)
+        for i, p in enumerate(present):
+            cls_prob[i, : p.shape[0]] = p
         changes["cls_prob"] = torch.from_numpy(cls_prob)
     if _all_or_none(samples, "vqa_target"):
-        changes["vqa_targets"] = torch.from_numpy(
-            np.stack([s.vqa_target for s in samples]).astype(np.float32)
-        )
+        targets = [s.vqa_target for s in samples if s.vqa_target is not None]
+        changes["vqa_targets"] = torch.from_numpy(np.stack(targets).astype(np.float32))
     if _all_or_none(samples, "caption_ids"):
-        changes["caption_ids"], changes["caption_mask"] = _pad_tokens([s.caption_ids for s in samples])
+        captions = [s.caption_ids for s in samples if s.caption_ids is not None]
+        changes["caption_ids"], changes["caption_mask"] = _pad_tokens(captions)
     return batch.replace(**changes) if changes else batch
 
 

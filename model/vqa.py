@@ -465,5 +465,5 @@ def split_questions(
     out = {}
     for name, keep in (("train", ~held), ("heldout", held)):
         chosen = np.flatnonzero(keep)
-        out[name] = VqaSplit([questions[i] for i in chosen], image_index[chosen])
+        out[name] = VqaSplit([questions[int(i)] for i in chosen], image_index[chosen])
     return out

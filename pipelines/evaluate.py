@@ -171,7 +171,8 @@ class Scorer:
             chunk = pairs[start : start + self.batch_size]
             yield collate([Sample(self.images.visual(i), ids, i) for ids, i in chunk]).to(self.device)
 
-    def _run(self, phase: str, pairs: Sequence[tuple[Sequence[int], int]], fn: Any) -> list[Any]:
+    def run_batches(self, phase: str, pairs: Sequence[tuple[Sequence[int], int]], fn: Any) -> list[Any]:
+        """``fn(batch)`` for each collated batch of ``pairs`` (no grad, bf16 autocast on CUDA), timed as ``phase``."""
         meter = self.meters.setdefault(phase, EfficiencyMeter(device=self.device))
         outputs = []
         with (
@@ -185,12 +186,12 @@ class Scorer:
 
     def match_logits(self, pairs: Sequence[tuple[Sequence[int], int]], phase: str) -> np.ndarray:
         """float64 ``[len(pairs)]`` matching logits."""
-        out = self._run(phase, pairs, lambda b: self.model.match_logits(b).float().cpu())
+        out = self.run_batches(phase, pairs, lambda b: self.model.match_logits(b).float().cpu())
         return torch.cat(out).double().numpy() if out else np.zeros(0)
 
     def pooled(self, pairs: Sequence[tuple[Sequence[int], int]], phase: str) -> tuple[np.ndarray, np.ndarray]:
         """Pooled text and visual vectors ``[len(pairs), d]`` (unimodal: each ignores the other side)."""
-        out = self._run(phase, pairs, lambda b: self.model.pooled(b))
+        out = self.run_batches(phase, pairs, lambda b: self.model.pooled(b))
         text = torch.cat([o.pooled_text.float().cpu() for o in out]).double().numpy()
         visual = torch.cat([o.pooled_visual.float().cpu() for o in out]).double().numpy()
         return text, visual
@@ -200,7 +201,7 @@ class Scorer:
 
 
 def retrieval_matrices(
-    scorer: Scorer, captions: list[tuple[Sequence[int], int]], columns: np.ndarray, rerank_top: int
+    scorer: Scorer, captions: Sequence[tuple[Sequence[int], int]], columns: np.ndarray, rerank_top: int
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Score matrices ``[C, I]`` for text->image and image->text ranking, and a sentence on how they were made.
 
@@ -315,13 +316,16 @@ def evaluate_vqa(
         [q.question for q in held.questions],
         max_tokens,
     )
-    logits = scorer._run(
+    logits = scorer.run_batches(
         "vqa",
         list(zip(ids, held.image_index.tolist(), strict=True)),
         lambda b: scorer.model.vqa_logits(b).float().cpu(),
     )
     predictions = [vocab[j] for j in torch.cat(logits).argmax(dim=1).tolist()]
-    result = {"model": vqa_accuracy(held.questions, predictions).to_dict(), "answer_vocab_size": len(vocab)}
+    result: dict[str, Any] = {
+        "model": vqa_accuracy(held.questions, predictions).to_dict(),
+        "answer_vocab_size": len(vocab),
+    }
     if parts["train"].questions:
         baseline = MajorityBaseline.fit(parts["train"].questions)
         result["baseline"] = vqa_accuracy(
@@ -345,7 +349,7 @@ def evaluate_captions(
     if not columns:
         raise EvalInputError("no held-out image has a reference caption")
     max_tokens = config.max_caption_tokens - 2
-    generated = scorer._run(
+    generated = scorer.run_batches(
         "caption_generation",
         [(CAPTION_PROMPT, i) for i in columns],
         lambda b: scorer.model.generate_captions(b, max_tokens, beam_size),

@@ -472,7 +472,7 @@ class _Worker:
 
         torch.manual_seed(self.config.seed)  # identical initial weights on every rank and every run
         self.model = TaskModel(self.model_config).to(self.device)
-        self.ddp = (
+        self.ddp: torch.nn.Module = (
             DistributedDataParallel(
                 self.model,
                 device_ids=[self.device] if self.device.type == "cuda" else None,
@@ -583,7 +583,7 @@ class _Worker:
     def _maybe_no_sync(self, skip_sync: bool) -> Any:
         import contextlib
 
-        if skip_sync and self.ddp is not self.model:
+        if skip_sync and isinstance(self.ddp, torch.nn.parallel.DistributedDataParallel):
             return self.ddp.no_sync()
         return contextlib.nullcontext()
 

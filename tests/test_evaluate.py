@@ -153,8 +153,10 @@ def test_planted_signal_is_learned_and_the_control_is_at_chance(tmp_path, ray_se
     base = ["evaluate", str(run), str(store), "--task", "retrieval", "--threads", "1"]
     assert main(base) == 0
     assert main([*base, "--shuffle-visual"]) == 0
+    assert main([*base, "--shuffle-features"]) == 0
     real = json.loads((run / "eval" / "report.json").read_text())["metrics"]
     control = json.loads((run / "eval-shuffle-visual" / "report.json").read_text())["metrics"]
+    features_only = json.loads((run / "eval-shuffle-features" / "report.json").read_text())["metrics"]
     t2i, chance_r1 = (
         real["retrieval"]["text_to_image"],
         real["retrieval"]["text_to_image"]["chance_recall"]["1"],
@@ -163,3 +165,6 @@ def test_planted_signal_is_learned_and_the_control_is_at_chance(tmp_path, ray_se
     assert t2i["recall"]["1"] > 3 * chance_r1, t2i
     assert 0.3 < control["matching"]["accuracy"] < 0.65, control["matching"]
     assert control["retrieval"]["text_to_image"]["recall"]["1"] < 2 * chance_r1 + 0.05, control["retrieval"]
+    assert 0.3 < features_only["matching"]["accuracy"] < 0.65, features_only[
+        "matching"
+    ]  # the signal is in features
