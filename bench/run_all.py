@@ -23,6 +23,7 @@ butd-r101-c4 --images 40`` and ``batching.py --config butd-r101-c4 --images 8 --
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -72,13 +73,17 @@ def main(argv: list[str] | None = None) -> int:
     plan = PLAN + (BUTD_PLAN if args.with_butd else [])
     if args.only:
         plan = [step for step in plan if step[0] in args.only]
+    # every script, including the ones that do not set it themselves: sleeping OpenMP threads (bench/common.py)
+    env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     failed = []
     for name, command in plan:
         if args.quick:
             command = QUICK_ARGS.get(name, [command[0], "--quick"])
         print(f"=== {name}: {' '.join(command)}", flush=True)
         started = time.perf_counter()
-        done = subprocess.run([sys.executable, str(BENCH / command[0]), *command[1:]], cwd=BENCH.parent)
+        done = subprocess.run(
+            [sys.executable, str(BENCH / command[0]), *command[1:]], cwd=BENCH.parent, env=env
+        )
         print(f"=== {name}: exit {done.returncode} in {time.perf_counter() - started:.0f} s", flush=True)
         if done.returncode != 0:
             failed.append(name)
