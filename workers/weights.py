@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 _HASH_CHUNK_BYTES = 1 << 20
@@ -20,6 +19,8 @@ _MAX_KEYS_IN_ERROR = 20
 
 
 def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file  # lazy: the GPU bench machine has no safetensors
+
     return load_file(str(path), device="cpu")
 
 
@@ -103,6 +104,8 @@ def save_weights(model: nn.Module, path: Path) -> None:
     if path.suffix.lower() != ".safetensors":
         raise ValueError(f"save_weights writes .safetensors only, got {path}")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    from safetensors.torch import save_file
+
     save_file(state, str(path))
 
 
