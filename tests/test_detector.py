@@ -16,8 +16,10 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch.nn import functional as F
 
 from workers.detector import (
+    ConvNorm,
     RegionDetector,
     RegionDetectorModel,
     caffe_cell_anchors,
@@ -236,6 +238,59 @@ def test_seed_decides_the_init(tiny):
     assert first.features.shape != other.features.shape or not np.array_equal(first.features, other.features)
 
 
+# --- inference layout: folded norms, channels_last --------------------------------------------------------
+
+
+def test_folded_conv_norm_is_the_same_affine_map():
+    torch.manual_seed(0)
+    conv = ConvNorm(8, 16, 3, dilation=2, eps=1e-5)
+    with torch.no_grad():
+        conv.norm.weight.uniform_(0.5, 2.0)
+        conv.norm.bias.uniform_(-1.0, 1.0)
+        conv.norm.running_mean.uniform_(-1.0, 1.0)
+        conv.norm.running_var.uniform_(0.1, 3.0)
+    x = torch.randn(2, 8, 9, 11)
+    expected = conv.norm(F.conv2d(x, conv.weight, None, conv.stride, conv.padding, conv.dilation))
+    state = {k: v.clone() for k, v in conv.state_dict().items()}
+    conv.fold_norm_()
+    assert conv.is_folded
+    assert conv.state_dict().keys() == state.keys()  # the folded tensors are not state
+    assert all(torch.equal(conv.state_dict()[k], v) for k, v in state.items())
+    torch.testing.assert_close(conv(x), expected, rtol=1e-5, atol=1e-5)
+    conv.unfold_norm_()
+    assert not conv.is_folded and torch.equal(conv(x), expected)
+
+
+def test_loading_weights_refolds():
+    torch.manual_seed(1)
+    folded, other = ConvNorm(4, 6, 1, eps=1e-5), ConvNorm(4, 6, 1, eps=1e-5)
+    with torch.no_grad():
+        other.norm.running_var.uniform_(0.5, 2.0)
+        other.norm.bias.uniform_(-1.0, 1.0)
+    folded.fold_norm_()
+    folded.load_state_dict(other.state_dict())
+    x = torch.randn(3, 4, 5, 5)
+    assert folded.is_folded
+    torch.testing.assert_close(folded(x), other(x), rtol=1e-5, atol=1e-5)
+
+
+def test_inference_layout_changes_features_by_rounding_only(tiny):
+    # the fixture runs folded + channels_last on the CPU; the plain layout is conv + norm, contiguous
+    plain = RegionDetector(detector_config("tiny"), BoxSelectionConfig(), device="cpu", seed=0)
+    assert all(m.is_folded for m in plain.model.modules() if isinstance(m, ConvNorm))
+    assert plain.model.memory_format == torch.channels_last
+    plain.model.unfold_norms_()
+    plain.model.set_memory_format_(torch.contiguous_format)
+    images = synthetic_images()[:2]
+    given = [
+        np.array([[0, 0, 200, 120], [10, 20, 60, 80]], np.float32),
+        np.array([[5, 5, 150, 290]], np.float32),
+    ]
+    for fast, slow in zip(tiny.extract(images, given), plain.extract(images, given), strict=True):
+        np.testing.assert_array_equal(fast.boxes_xyxy_px, slow.boxes_xyxy_px)
+        assert np.abs(fast.features - slow.features).max() < 1e-4 * slow.features.std()
+
+
 # --- batch-size independence ---------------------------------------------------------------------------------
 
 
@@ -372,6 +427,7 @@ def test_butd_random_init_is_usable_and_float16_safe():
     def record(module, inputs):
         largest.append(float(inputs[0].abs().max()))
 
+    detector.model.unfold_norms_()  # record what the norms see: the raw conv outputs that float16 would hold
     norms = [m for m in detector.model.modules() if type(m).__name__ == "FrozenBatchNorm2d"]
     hooks = [m.register_forward_pre_hook(record) for m in norms]
     try:

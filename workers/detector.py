@@ -56,6 +56,12 @@ class ConvNorm(nn.Conv2d):
     """Bias-free conv followed by a frozen batch norm stored as ``.norm`` (detectron2's ``Conv2d(norm=...)``).
 
     Input ``[B, C_in, H, W]``, output ``[B, C_out, H', W']``; no activation.
+
+    ``fold_norm_()`` folds the frozen norm into the conv for inference: ``conv(x, W · s) + (β − μ · s)`` with
+    ``s = γ / sqrt(σ² + eps)`` per output channel, the same affine map, exact up to float rounding, without
+    the norm's two elementwise passes. The folded weight and bias are non-persistent buffers
+    (``folded_weight``, ``folded_bias``): the state dict keeps the checkpoint's names and values, a
+    ``load_state_dict`` re-folds, and ``unfold_norm_()`` returns to conv + norm (e.g. for hooks on ``.norm``).
     """
 
     def __init__(
@@ -64,9 +70,42 @@ class ConvNorm(nn.Conv2d):
         pad = dilation * (kernel - 1) // 2
         super().__init__(in_ch, out_ch, kernel, stride=stride, padding=pad, dilation=dilation, bias=False)
         self.norm = FrozenBatchNorm2d(out_ch, eps=eps)
+        self.folded_weight: torch.Tensor | None
+        self.folded_bias: torch.Tensor | None
+        self.register_buffer("folded_weight", None, persistent=False)
+        self.register_buffer("folded_bias", None, persistent=False)
+        self.register_load_state_dict_post_hook(_refold_after_load)
+
+    @property
+    def is_folded(self) -> bool:
+        """True when ``forward`` runs the folded conv."""
+        return self.folded_weight is not None
+
+    @torch.no_grad()
+    def fold_norm_(self) -> None:
+        """(Re)compute the folded weight (with the conv weight's strides) and bias from the current values."""
+        norm = self.norm
+        scale = norm.weight * (norm.running_var + norm.eps).rsqrt()  # as FrozenBatchNorm2d.forward
+        folded = torch.empty_like(self.weight)  # preserve_format: same strides (channels_last stays)
+        torch.mul(self.weight, scale.view(-1, 1, 1, 1), out=folded)
+        self.folded_weight = folded
+        self.folded_bias = norm.bias - norm.running_mean * scale
+
+    def unfold_norm_(self) -> None:
+        """Drop the folded weights: ``forward`` runs conv, then ``.norm``."""
+        self.folded_weight = self.folded_bias = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folded_weight is not None:
+            return F.conv2d(x, self.folded_weight, self.folded_bias, self.stride, self.padding, self.dilation)
         return self.norm(super().forward(x))
+
+
+def _refold_after_load(module: nn.Module, incompatible_keys: object) -> None:
+    """``load_state_dict`` post-hook of ``ConvNorm`` (runs after its ``.norm`` loaded): keep folds current."""
+    assert isinstance(module, ConvNorm)
+    if module.is_folded:
+        module.fold_norm_()
 
 
 class Bottleneck(nn.Module):
@@ -96,11 +135,12 @@ class Bottleneck(nn.Module):
         self.conv3 = ConvNorm(bottleneck, out_ch, 1, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.conv1(x))
-        out = F.relu(self.conv2(out))
+        # in place on fresh conv outputs: same values, no new [N, C, H, W] tensors (measured: res5 −15% CPU time)
+        out = F.relu_(self.conv1(x))
+        out = F.relu_(self.conv2(out))
         out = self.conv3(out)
-        identity = self.shortcut(x) if self.shortcut is not None else x
-        return F.relu(out + identity)
+        out += self.shortcut(x) if self.shortcut is not None else x
+        return F.relu_(out)
 
 
 def make_stage(
@@ -137,7 +177,7 @@ class Stem(nn.Module):
         self.conv1 = ConvNorm(3, out_ch, 7, stride=2, eps=eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.max_pool2d(F.relu(self.conv1(x)), kernel_size=3, stride=2, padding=0, ceil_mode=True)
+        return F.max_pool2d(F.relu_(self.conv1(x)), kernel_size=3, stride=2, padding=0, ceil_mode=True)
 
 
 class Backbone(nn.Module):
@@ -378,15 +418,18 @@ class RoIHeads(nn.Module):
             config=config,
         )
         self.box_predictor = BoxPredictor(config)
+        self.memory_format = torch.contiguous_format  # of the pooled crops fed to res5 (set_memory_format_)
 
     def forward(self, features: torch.Tensor, rois: list[torch.Tensor]) -> list[RegionHeadOutput]:
         """Per image i, the head outputs of its RoIs ``rois[i]`` (float ``[N_i, 4]`` network-input ``xyxy``).
 
-        Each image's RoIs run in fixed chunks of their own, never mixed with another image's.
+        Each image's RoIs run in fixed chunks of their own, never mixed with another image's. The image's
+        feature map is made float32 and contiguous once, not per chunk (RoIPool's CPU kernel would copy it).
         """
         outputs = []
         for index, boxes in enumerate(rois):
-            chunks = [self._pooled(features[index : index + 1], part) for part in boxes.split(_ROI_CHUNK)]
+            feature_map = features[index : index + 1].float().contiguous()
+            chunks = [self._pooled(feature_map, part) for part in boxes.split(_ROI_CHUNK)]
             pooled = torch.cat(chunks) if chunks else features.new_zeros(0, self.config.feature_dim)
             outputs.append(self.box_predictor(pooled))
         return outputs
@@ -403,7 +446,8 @@ class RoIHeads(nn.Module):
         return roi_pool(features.float(), indexed, (size, size), 1.0 / self.config.feature_stride_px)
 
     def _pooled(self, feature_map: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
-        return self.res5(self.roi_pool(feature_map, [boxes])).mean(dim=(2, 3))
+        crops = self.roi_pool(feature_map, [boxes]).contiguous(memory_format=self.memory_format)
+        return self.res5(crops).mean(dim=(2, 3))
 
 
 class RegionDetectorModel(nn.Module):
@@ -415,6 +459,29 @@ class RegionDetectorModel(nn.Module):
         self.backbone = Backbone(config)
         self.proposal_generator = ProposalGenerator(config, config.res2_out_channels * 4)
         self.roi_heads = RoIHeads(config)
+        self.memory_format = torch.contiguous_format
+
+    def set_memory_format_(self, memory_format: torch.memory_format) -> None:
+        """Store conv weights (and run res5 on RoI crops) in ``memory_format``; callers feed images in it too.
+
+        ``torch.channels_last`` lets oneDNN run its NHWC kernels on the CPU without reordering every
+        activation (measured on 2 AMD EPYC cores: 1.5–1.9× on convs). Values are unchanged; results may
+        differ from ``torch.contiguous_format`` by float rounding (other kernels).
+        """
+        self.to(memory_format=memory_format)
+        self.memory_format = self.roi_heads.memory_format = memory_format
+
+    def fold_norms_(self) -> None:
+        """Fold every frozen batch norm into its conv (``ConvNorm.fold_norm_``); exact up to float rounding."""
+        for module in self.modules():
+            if isinstance(module, ConvNorm):
+                module.fold_norm_()
+
+    def unfold_norms_(self) -> None:
+        """Undo ``fold_norms_``: convs run followed by their ``.norm`` again."""
+        for module in self.modules():
+            if isinstance(module, ConvNorm):
+                module.unfold_norm_()
 
 
 # -------------------------------------------------------------------------------------------- random init
@@ -498,6 +565,7 @@ def calibrate_frozen_bn_(model: RegionDetectorModel, image: torch.Tensor, rois: 
         module.weight.fill_(gains.get(id(module), 1.0))
         module.bias.zero_()
 
+    assert not any(m.is_folded for m in model.modules() if isinstance(m, ConvNorm)), "calibrate unfolded"
     hooks = [
         m.register_forward_pre_hook(set_stats) for m in model.modules() if isinstance(m, FrozenBatchNorm2d)
     ]
@@ -650,6 +718,12 @@ class RegionDetector:
         with_cls_prob: also return the ``[N, 1601]`` class probabilities.
         autocast_dtype: run the network under ``torch.autocast`` with this dtype (bf16 / fp16); None → float32.
 
+    Inference layout: in float32 (no autocast) every frozen batch norm is folded into its conv
+    (``RegionDetectorModel.fold_norms_``), and on the CPU the network runs ``channels_last``
+    (``set_memory_format_``), so oneDNN uses its NHWC kernels. Both change results by float rounding only
+    (measured on ``butd-r101-c4``: max |Δ feature| / feature std ~1e-6) and ~halve the CPU time of
+    ``butd-r101-c4``; the state dict is unchanged. CUDA keeps the default memory format.
+
     Attributes:
         random_init: True when no weights were loaded.
         weights_digest: ``"sha256:<hex>"`` of the weights file, or ``"random-init:seed=<seed>"``.
@@ -695,6 +769,10 @@ class RegionDetector:
             self.random_init = False
             self.weights_digest = weights_digest(Path(weights))
         self.model.eval().to(self.device)
+        if autocast_dtype is None:  # float16 autocast keeps conv + norm (folded weights could lose range)
+            self.model.fold_norms_()
+        if self.device.type == "cpu":
+            self.model.set_memory_format_(torch.channels_last)
 
     def bucket_of(self, height_px: int, width_px: int) -> tuple[int, int]:
         """Padded canvas ``(H, W)`` of an original image; batch only images of one bucket."""
@@ -765,7 +843,7 @@ class RegionDetector:
         for i, item in enumerate(group):
             batch[i, :, : item.tensor.shape[1], : item.tensor.shape[2]] = item.tensor
         with self._autocast():
-            features = self.model.backbone(batch.to(self.device))
+            features = self.model.backbone(batch.to(self.device, memory_format=self.model.memory_format))
             rois = self._rois(features, group)
             heads = self.model.roi_heads(features, rois)
         boxes_px = [
