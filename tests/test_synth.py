@@ -15,6 +15,7 @@ import pytest
 from pipelines.cli import main as cli_main
 from workers.synth import (
     COLOURS,
+    SHAPE_ASPECTS,
     SHAPES,
     SynthConfig,
     duplicate_caption_share,
@@ -23,7 +24,9 @@ from workers.synth import (
 
 NUM_IMAGES = 24
 PER_SHARD = 10
-COLOUR_TOLERANCE = 40  # L-inf, 0-255: colour jitter (14) + JPEG error, far below the gap to muted backgrounds
+COLOUR_TOLERANCE = (
+    30  # L-inf, 0-255: colour jitter (14) + JPEG error, far below the gap to mid-grey backgrounds
+)
 EDGE_BAND_PX = 3
 NUMBERS = {"two": 2, "three": 3, "four": 4}
 PLURALS = {shape + ("es" if shape.endswith("s") else "s"): shape for shape in SHAPES}
@@ -84,7 +87,7 @@ def test_samples_have_the_contract_fields(corpus: tuple[Path, list[dict]]) -> No
     for s in samples:
         assert isinstance(s["image_id"], int)
         assert s["image"].shape == (s["height"], s["width"], 3)
-        assert 128 <= s["width"] <= 192 and 128 <= s["height"] <= 192
+        assert 128 <= s["width"] == s["height"] <= 192
         assert 1 <= len(s["boxes"]) <= 4
         assert len(s["labels"]) == len(s["objects"]) == len(s["boxes"])
         assert len(s["captions"]) >= 3 and all(isinstance(c, str) and c for c in s["captions"])
@@ -111,6 +114,21 @@ def test_boxes_are_inside_the_image_and_hold_their_objects_pixels(corpus: tuple[
             outside[max(0, y1 - b) : y2 + b, max(0, x1 - b) : x2 + b] = False
         for obj in s["objects"]:
             assert not (_colour_match(s["image"], obj["color"]) & outside).any(), (s["key"], obj)
+
+
+def test_each_shape_has_its_own_box_aspect_ratio(corpus: tuple[Path, list[dict]]) -> None:
+    """The model reads shape from the box (a random-init detector's pooled features do not carry outlines)."""
+    _, samples = corpus
+    ranges: dict[str, list[float]] = {}
+    for s in samples:
+        for (x1, y1, x2, y2), obj in zip(s["boxes"], s["objects"], strict=True):
+            ranges.setdefault(obj["shape"], []).append((x2 - x1) / (y2 - y1))
+    assert len(ranges) >= 4
+    spans = sorted((min(v), max(v), shape) for shape, v in ranges.items())
+    for (_, hi, a), (lo, _, b) in zip(spans, spans[1:], strict=False):
+        assert hi < lo, f"{a} and {b} box aspect ratios overlap"
+    for shape, values in ranges.items():
+        assert abs(np.log(np.median(values) / SHAPE_ASPECTS[shape])) < 0.1, shape
 
 
 def test_some_scenes_overlap_and_some_have_several_objects(corpus: tuple[Path, list[dict]]) -> None:
