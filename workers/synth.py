@@ -72,6 +72,7 @@ BACKGROUND_TONES: dict[str, tuple[int, int, int]] = {
 }
 BACKGROUND_JITTER = 4  # per-channel uniform jitter of a background colour, 0-255 units
 NOISE_STD = (9.0, 4.0)  # std of the smooth (1/8-resolution, shared by the channels) and per-pixel noise
+REPEAT_PROBABILITY = 0.1  # chance that an object copies the previous object's colour and shape
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six")
 RELATIONS = ("left of", "right of", "above", "below")
 OPPOSITE_RELATION = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -108,7 +109,7 @@ class SynthConfig:
 
     Attributes:
         min_side_px (int, 128), max_side_px (int, 192): the side of the square image is drawn uniformly in this range.
-        object_count_weights (tuple[float, ...], (0.1, 0.35, 0.33, 0.22)): probability of 1, 2, 3, 4 objects.
+        object_count_weights (tuple[float, ...], (0.08, 0.37, 0.33, 0.22)): probability of 1, 2, 3, 4 objects.
         overlap_probability (float, 0.25): chance that a shape is placed overlapping an earlier one.
         min_visible_fraction (float, 0.6): every shape keeps at least this share of its pixels unoccluded.
         relation_margin (float, 0.12): two centres must differ by this fraction of min(W, H), along the
@@ -121,7 +122,7 @@ class SynthConfig:
 
     min_side_px: int = 128
     max_side_px: int = 192
-    object_count_weights: tuple[float, ...] = (0.1, 0.35, 0.33, 0.22)
+    object_count_weights: tuple[float, ...] = (0.08, 0.37, 0.33, 0.22)
     overlap_probability: float = 0.25
     min_visible_fraction: float = 0.6
     relation_margin: float = 0.12
@@ -366,7 +367,7 @@ def make_scene(
     placed: list[_Placed] = []
     for _ in range(n):
         shape, colour = str(rng.choice(SHAPES)), str(rng.choice(list(COLOURS)))
-        if placed and rng.random() < 0.15:  # repeat an earlier object's type, so counts > 1 occur
+        if placed and rng.random() < REPEAT_PROBABILITY:  # repeat an earlier object's type: counts > 1
             shape, colour = placed[-1].obj.shape, placed[-1].obj.colour
         size = str(rng.choice(list(SIZES)))
         mask = _try_place(rng, placed, size, shape, side, config)
@@ -459,18 +460,31 @@ def _position_phrase(obj: SceneObject, scene: Scene) -> str:
     return f"in the {row} {col}" if row != "middle" else f"on the {col}"
 
 
+def _has_repeats(scene: Scene) -> bool:
+    """True when two objects share colour and shape: captions then add sizes to tell them apart."""
+    return len({o.label for o in scene.objects}) < len(scene.objects)
+
+
+def _words(obj: SceneObject, with_size: bool) -> list[str]:
+    return [obj.size, obj.colour, obj.shape] if with_size else [obj.colour, obj.shape]
+
+
 def _caption_listing(rng: np.random.Generator, scene: Scene, margin: float) -> str:
     objs = list(scene.objects)
     rng.shuffle(objs)
+    listing = _join(describe_objects(objs, with_size=len(objs) == 1))
+    if len(objs) == 1:  # a lone object: the background tells more images apart
+        return f"{listing} on a {_background_phrase(scene)}"
     frame = ("{}", "a picture of {}", "an image showing {}", "{} on a " + _background_phrase(scene))
-    return str(rng.choice(frame)).format(_join(describe_objects(objs, with_size=len(objs) == 1)))
+    return str(rng.choice(frame)).format(listing)
 
 
 def _caption_relation(rng: np.random.Generator, scene: Scene, margin: float) -> str:
     pairs = related_pairs(scene, margin)
     if not pairs:  # no clear relation between uniquely named objects: say where each object is instead
+        sized = len(scene.objects) == 1 or _has_repeats(scene)
         return _join(
-            [f"{_noun_phrase(1, [o.colour, o.shape])} {_position_phrase(o, scene)}" for o in scene.objects]
+            [f"{_noun_phrase(1, _words(o, sized))} {_position_phrase(o, scene)}" for o in scene.objects]
         )
     a, rel, b = pairs[int(rng.integers(len(pairs)))]
     head = f"{_noun_phrase(1, [a.colour, a.shape])} {rel} {_noun_phrase(1, [b.colour, b.shape])}"
@@ -480,25 +494,27 @@ def _caption_relation(rng: np.random.Generator, scene: Scene, margin: float) -> 
 
 def _caption_count(rng: np.random.Generator, scene: Scene, margin: float) -> str:
     n = len(scene.objects)
-    listing = _join(describe_objects(scene.objects, with_size=False))
     if n == 1:
         obj = scene.objects[0]
-        return f"a single {obj.colour} {obj.shape} on a {_background_phrase(scene)}"
+        return f"a single {obj.colour} {obj.shape} {_position_phrase(obj, scene)}"
+    listing = _join(describe_objects(scene.objects, with_size=_has_repeats(scene)))
     return f"{NUMBER_WORDS[n]} shapes on a {_background_phrase(scene)}: {listing}"
 
 
 def _caption_left_to_right(rng: np.random.Generator, scene: Scene, margin: float) -> str:
     if len(scene.objects) == 1:
         obj = scene.objects[0]
-        return f"{_noun_phrase(1, [obj.colour, obj.shape])} {_position_phrase(obj, scene)}"
+        return f"{_noun_phrase(1, _words(obj, True))} {_position_phrase(obj, scene)}"
     objs = sorted(scene.objects, key=lambda o: o.centre[0])
-    return "from left to right: " + _join([_noun_phrase(1, [o.colour, o.shape]) for o in objs])
+    sized = _has_repeats(scene)
+    return "from left to right: " + _join([_noun_phrase(1, _words(o, sized)) for o in objs])
 
 
 def _caption_sizes(rng: np.random.Generator, scene: Scene, margin: float) -> str:
     objs = list(scene.objects)
     rng.shuffle(objs)
-    return _join(describe_objects(objs, with_size=True))
+    listing = _join(describe_objects(objs, with_size=True))
+    return listing if len(objs) > 1 else f"just {listing}, {_position_phrase(objs[0], scene)}"
 
 
 CAPTION_TEMPLATES = (
