@@ -210,7 +210,7 @@ def test_valid_feature_size_follows_the_trunk(size, tiny):
 def test_random_init_is_announced(caplog):
     with caplog.at_level(logging.WARNING):
         detector = RegionDetector(detector_config("tiny"), BoxSelectionConfig(), device="cpu", seed=3)
-    assert detector.random_init and detector.weights_digest == "random-init:seed=3"
+    assert detector.random_init and detector.weights_digest.startswith("random-init:seed=3:sha256:")
     assert any("NO WEIGHTS" in r.getMessage() and r.levelno == logging.WARNING for r in caplog.records)
 
 
@@ -460,3 +460,19 @@ def test_butd_random_init_on_cuda(dtype):
     image = coco_images(1)[0]
     detector = RegionDetector(detector_config("butd-r101-c4"), BoxSelectionConfig(), autocast_dtype=dtype)
     assert_usable(detector.extract([image])[0], image, detector.config)
+
+
+def test_random_init_does_not_depend_on_the_thread_count():
+    """The calibrated frozen-BN statistics (and so the store's weights digest) are the same whatever
+    ``torch.get_num_threads()`` was when the detector was built."""
+    threads = torch.get_num_threads()
+    digests = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            built = RegionDetector(detector_config("tiny"), BoxSelectionConfig(), device="cpu", seed=0)
+            digests.append(built.weights_digest)
+    finally:
+        torch.set_num_threads(threads)
+    assert digests[0] == digests[1]
+    assert digests[0].startswith("random-init:seed=0:sha256:")

@@ -25,6 +25,7 @@ on which other images share its call.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import math
 from collections.abc import Iterator
@@ -510,8 +511,13 @@ def random_init_(model: RegionDetectorModel, seed: int) -> None:
             nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight, std=_PREDICTOR_STD, generator=gen)
-    image = _calibration_image(model.config, gen)
-    calibrate_frozen_bn_(model, image, _calibration_rois(model.config, gen))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the calibrated statistics must not depend on the caller's thread count
+    try:
+        image = _calibration_image(model.config, gen)
+        calibrate_frozen_bn_(model, image, _calibration_rois(model.config, gen))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _init_rpn_conv(name: str, conv: nn.Conv2d, gen: torch.Generator) -> None:
@@ -705,6 +711,16 @@ class RegionOutput:
     cls_prob: np.ndarray | None
 
 
+def state_digest(model: nn.Module) -> str:
+    """``"sha256:<hex>"`` over the names, dtypes, shapes and bytes of ``model.state_dict()`` (key order)."""
+    sha = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        value = tensor.detach().cpu().contiguous()
+        sha.update(f"{name}:{value.dtype}:{tuple(value.shape)};".encode())
+        sha.update(value.view(torch.uint8).numpy().tobytes() if value.numel() else b"")
+    return "sha256:" + sha.hexdigest()
+
+
 class RegionDetector:
     """Images in, region features out: the worker that ``pipelines/extract`` wraps in a Ray actor.
 
@@ -727,7 +743,8 @@ class RegionDetector:
 
     Attributes:
         random_init: True when no weights were loaded.
-        weights_digest: ``"sha256:<hex>"`` of the weights file, or ``"random-init:seed=<seed>"``.
+        weights_digest: ``"sha256:<hex>"`` of the weights file, or ``"random-init:seed=<seed>:sha256:<hex>"``
+            (the hash of the initialised state dict, so a change to the init code changes the store's digest).
         feature_dim: D of the region features.
 
     Raises:
@@ -758,7 +775,7 @@ class RegionDetector:
         if weights is None:
             random_init_(self.model, seed)
             self.random_init = True
-            self.weights_digest = f"random-init:seed={seed}"
+            self.weights_digest = f"random-init:seed={seed}:{state_digest(self.model)}"
             logger.warning(
                 "REGION DETECTOR HAS NO WEIGHTS: %s runs a seeded random init (seed=%d); its features carry no "
                 "visual meaning. Pass weights to extract real features.",
