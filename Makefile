@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-from-pyproject
 
-.PHONY: setup demo test test-fast lint format typecheck bench bench-gpu-cpu clean
+.PHONY: setup demo test test-fast lint format typecheck bench clean
 
 setup: $(STAMP)
 
