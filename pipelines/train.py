@@ -169,12 +169,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-failures", type=int, default=2, help="worker failures recovered from a checkpoint"
     )
     parser.add_argument("--address", default=None, help="Ray cluster address (default: local Ray)")
+    parser.add_argument(
+        "--store-shared-fs",
+        action="store_true",
+        help="the local STORE path is a shared filesystem mounted on every node",
+    )
     parser.add_argument("--inject-fault", default="", help=argparse.SUPPRESS)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``regionflow train``; returns 0, `EXIT_BAD_INPUT` or `EXIT_TRAINING_FAILED`."""
     try:
+        _connect_ray(args.address)
+        check_store_reachable(args.store, args.store_shared_fs)
         config, model_config, run_info = prepare(args)
     except (TrainInputError, StoreSchemaError, VqaDataError, CheckpointError, FileNotFoundError) as exc:
         log.error("train: %s", exc)
@@ -183,6 +190,37 @@ def run(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------- driver
+def _connect_ray(address: str | None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address)
+
+
+def check_store_reachable(store: str, shared_fs: bool) -> None:
+    """Refuse a local store path on a multi-node Ray cluster (DESIGN §5): every Ray Train rank opens the store on
+    its own node, where a path written on the driver's node may not exist. Needs Ray connected.
+
+    Args:
+        store: the store argument; a URL (``s3://...``) is reachable from every node.
+        shared_fs: the local path is a filesystem mounted at the same path on every node (``--store-shared-fs``).
+
+    Raises:
+        TrainInputError: a local path, no ``shared_fs``, and more than one alive node in the cluster.
+    """
+    import ray
+
+    if "://" in store or shared_fs:
+        return
+    alive = sum(1 for node in ray.nodes() if node.get("Alive"))
+    if alive > 1:
+        raise TrainInputError(
+            f"store {store} is a local path but the Ray cluster has {alive} alive nodes, and every training "
+            "worker opens the store on its own node: put the store on s3:// or on a filesystem mounted at the "
+            "same path on every node (then pass --store-shared-fs)"
+        )
+
+
 def build_model_config(
     preset: str, feature_dim: int, num_answers: int, text_layers: int, contrastive: float
 ) -> Any:
@@ -354,12 +392,10 @@ def _flat_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 def fit(config: TrainConfig, model_config: Any, run_info: dict[str, Any], address: str | None = None) -> int:
     """Run the Ray Train ``TorchTrainer``; returns 0 or `EXIT_TRAINING_FAILED`."""
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init(address=address)
+    _connect_ray(address)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
