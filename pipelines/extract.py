@@ -418,10 +418,11 @@ def _start_ray(config: ExtractConfig) -> RayResources:
         here = os.getcwd()
         os.chdir(home)
         try:
-            if config.address:
-                ray.init(address=config.address, include_dashboard=False)
-            else:
-                ray.init(num_cpus=os.cpu_count() or 1, include_dashboard=False)
+            address = config.address or os.environ.get("RAY_ADDRESS")
+            if address:
+                ray.init(address=address, include_dashboard=False)
+            else:  # "local": a new instance even when another Ray runs on this machine
+                ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False)
         finally:
             os.chdir(here)
         started = True

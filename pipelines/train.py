@@ -193,8 +193,8 @@ def run(args: argparse.Namespace) -> int:
 def _connect_ray(address: str | None) -> None:
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address)
+    if not ray.is_initialized():  # without --address / RAY_ADDRESS: a new local instance, never a stranger's
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local")
 
 
 def check_store_reachable(store: str, shared_fs: bool) -> None:
