@@ -6,8 +6,10 @@ Every stage runs as a subprocess of the ``regionflow`` console script, exactly a
 2. ``extract --config tiny --boxes given``: region features of the true boxes (random-init detector: no weights
    can be downloaded, so the corpus is built to be learnable through one, see ``workers/synth.py``);
 3. ``train``: one Ray Train run, 2 workers on CPU, all tasks at once (pretrain, retrieval, VQA, caption), with
-   the ``tiny`` model preset: a randomly initialised 2-layer BERT text stream of width 32 that keeps the
-   WordPiece vocabulary of the packaged all-MiniLM-L6-v2 checkpoint (``model.config.ModelConfig.tiny``);
+   the ``small`` model preset (~5.6M parameters): a randomly initialised 2-layer BERT text stream of width 128
+   that keeps the WordPiece vocabulary of the packaged all-MiniLM-L6-v2 checkpoint, a 1-layer visual stream
+   and two Co-TRM blocks of width 128 (``pipelines.train.SMALL_PRESET``). The ``tiny`` preset (width 32)
+   learned next to nothing here and ``base`` (80M parameters, pretrained MiniLM) is ~1 s a step on a CPU;
 4. ``evaluate`` on the held-out images: retrieval (``--rerank-top``), VQA, captioning; then the controls
    ``--shuffle-visual`` and ``--shuffle-features`` (retrieval and VQA);
 5. ``visualize`` of a few held-out images.
@@ -37,6 +39,11 @@ DEMO_MARKER = ".regionflow-demo"  # marks a directory this script created, so a 
 SUBDIRS = ("corpus", "store", "run", "pictures", "logs")
 TARGETS = {"text_to_image_recall_at_1": 0.8, "vqa_accuracy": 0.9, "wall_time_s": 15 * 60}
 TARGET_CANDIDATES = 100
+TEXT_STREAMS = {
+    "tiny": "random-init 2-layer BERT of width 32 with the WordPiece vocabulary of all-MiniLM-L6-v2",
+    "small": "random-init 2-layer BERT of width 128 with the WordPiece vocabulary of all-MiniLM-L6-v2",
+    "base": "pretrained all-MiniLM-L6-v2 (6 layers, width 384)",
+}
 LOG_TAIL_LINES = 40
 
 
@@ -45,38 +52,38 @@ class DemoConfig:
     """Sizes and settings of the demo run (defaults: tuned to finish within 15 minutes on 2 CPU cores).
 
     Attributes:
-        images (int, 600): corpus images; ``holdout_fraction`` of them (by key hash) are held out.
-        samples_per_shard (int, 100): samples per tar shard.
+        images (int, 1500): corpus images; ``holdout_fraction`` of them (by key hash) are held out.
+        samples_per_shard (int, 250): samples per tar shard.
         seed (int, 0): corpus seed (the training seed is fixed at 0).
         holdout_fraction (float, 0.2): share of images held out for evaluation.
         workers (int, 2): Ray Train workers (DDP ranks on CPU, ``gloo``).
         threads_per_worker (int, 1): torch threads per training worker.
-        model_config (str, "tiny"): ``regionflow train --model-config`` preset.
-        max_steps (int, 1500): optimizer steps (round-robin over the four tasks).
+        model_config (str, "small"): ``regionflow train --model-config`` preset.
+        max_steps (int, 2000): optimizer steps (round-robin over the four tasks).
         batch_size (int, 32): pairs per worker per step.
-        lr (float, 1e-3): peak learning rate (linear warm-up and decay).
+        lr (float, 5e-4): peak learning rate (linear warm-up and decay).
         warmup_steps (int, 100): warm-up steps.
         contrastive_weight (float, 1.0): weight of the in-batch contrastive loss that trains the first stage.
         rerank_top (int, 10): retrieval re-ranks the top K of the pooled dot product with matching logits.
-        eval_threads (int, 2): torch threads of ``evaluate``.
+        eval_threads (int, 1): torch threads of ``evaluate`` (more threads on a busy 2-core machine are slower).
         pictures (int, 3): held-out images drawn with ``visualize``.
         picture_scale (float, 3.0): ``visualize --scale``.
     """
 
-    images: int = 600
-    samples_per_shard: int = 100
+    images: int = 1500
+    samples_per_shard: int = 250
     seed: int = 0
     holdout_fraction: float = 0.2
     workers: int = 2
     threads_per_worker: int = 1
-    model_config: str = "tiny"
-    max_steps: int = 1500
+    model_config: str = "small"
+    max_steps: int = 2000
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 5e-4
     warmup_steps: int = 100
     contrastive_weight: float = 1.0
     rerank_top: int = 10
-    eval_threads: int = 2
+    eval_threads: int = 1
     pictures: int = 3
     picture_scale: float = 3.0
     tasks: tuple[str, ...] = ("pretrain", "retrieval", "vqa", "caption")
@@ -309,8 +316,8 @@ def results_markdown(summary: dict[str, Any]) -> str:
         f"Corpus: {config['images']} synthetic images (seed {config['seed']}), "
         f"{summary['heldout_images']} held out by key hash (fraction {config['holdout_fraction']}). "
         f"Features: `extract --config tiny --boxes given` (random-init detector, true boxes). "
-        f"Model: `--model-config {config['model_config']}` (text stream: random-init 2-layer BERT, width 32, "
-        f"WordPiece vocabulary of all-MiniLM-L6-v2), {config['max_steps']} steps, {config['workers']} Ray Train "
+        f"Model: `--model-config {config['model_config']}` (text stream: {TEXT_STREAMS[config['model_config']]}), "
+        f"{config['max_steps']} steps of batch {config['batch_size']} per worker, {config['workers']} Ray Train "
         f"workers on CPU, tasks {', '.join(config['tasks'])}.",
         "",
         "## Retrieval (held-out images; recall@1 / @5 / @10)",
@@ -454,7 +461,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("images", "samples_per_shard", "max_steps", "batch_size", "workers", "pictures"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name))
     parser.add_argument("--lr", type=float, default=defaults.lr)
-    parser.add_argument("--model-config", choices=("tiny", "base"), default=defaults.model_config)
+    parser.add_argument("--model-config", choices=tuple(TEXT_STREAMS), default=defaults.model_config)
     return parser
 
 
