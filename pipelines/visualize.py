@@ -152,8 +152,10 @@ def read_image_bytes(url: str, key: str) -> bytes:
         for info in tar:
             parts = split_member_name(info.name)
             if info.isreg() and parts and parts[0] == key and parts[1].rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:
-                return tar.extractfile(info).read()
-            tar.members = []  # stream mode: do not accumulate TarInfo objects
+                data = tar.extractfile(info)
+                assert data is not None  # a regular member always has data
+                return data.read()
+            tar.members = []  # type: ignore[attr-defined]  # stream mode: do not accumulate TarInfo objects
     raise VisualizeError(f"shard {url} has no image member for key {key!r}")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
@@ -164,4 +163,3 @@ def test_draw_regions_validates_and_keeps_the_most_confident() -> None:
         draw_regions(image.astype(np.float32), boxes, labels)
     with pytest.raises(ValueError):
         DrawingConfig(scale=0)
-    assert json.dumps(RegionLabel(1, 0.5).text)

@@ -641,7 +641,7 @@ def _annotate(rng: np.random.Generator, qa: _Qa) -> tuple[tuple[str, ...], tuple
 
 def make_questions(rng: np.random.Generator, scene: Scene, config: SynthConfig) -> tuple[VqaQuestion, ...]:
     """Up to one question per type (colour, shape, count, existence, relation) that the scene can answer."""
-    out = []
+    out: list[VqaQuestion] = []
     for maker in QUESTION_MAKERS:
         qa = maker(rng, scene, config.relation_margin)
         if qa is None:
@@ -777,7 +777,10 @@ def write_corpus(
     config = config or SynthConfig()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    shards, questions, captions, objects = [], [], [], 0
+    shards: list[str] = []
+    questions: list[VqaQuestion] = []
+    captions: list[tuple[str, ...]] = []
+    objects = 0
     for start in range(0, num_images, samples_per_shard):
         members: list[tuple[str, bytes]] = []
         for index in range(start, min(start + samples_per_shard, num_images)):
