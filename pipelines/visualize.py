@@ -6,8 +6,10 @@ entry ``i``; else ``#id``) and its confidence.
 
 The store holds no pixels: the image is read from the input shard whose id is the row's ``shard``, found
 among ``--images`` (brace ranges allowed) or, without it, among the shard URLs the store's last extraction
-run recorded in its manifest. Exit codes: 0 written; 2 the key, shard or image cannot be found, or the key
-repeats across shards and ``--shard`` is missing.
+run recorded in its manifest. ``--out`` must end in ``.png``; its folder is created when missing (as
+``regionflow export`` does); an existing file is refused unless ``--overwrite``. Exit codes: 0 written; 2 the
+key, shard or image cannot be found, the key repeats across shards and ``--shard`` is missing, or ``--out``
+is refused.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import argparse
 import logging
 import tarfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -41,6 +44,7 @@ log = logging.getLogger(__name__)
 
 # Where an extraction run records its input shard URLs in manifest.json (``shard_urls`` is what extract writes).
 RECORDED_URL_FIELDS = ("shard_urls", "shards", "urls", "inputs")
+PICTURE_SUFFIX = ".png"
 
 
 class VisualizeError(RuntimeError):
@@ -64,7 +68,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("store", help="feature store directory or URI")
     parser.add_argument("key", help="sample key (tar member path up to the first dot of the basename)")
     parser.add_argument("--shard", help="shard id, required when KEY appears in several shards")
-    parser.add_argument("--out", required=True, help="PNG file to write")
+    parser.add_argument(
+        "--out",
+        required=True,
+        metavar="FILE.png",
+        help="PNG file to write (its folder is created if missing)",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it already exists")
     parser.add_argument(
         "--images",
         nargs="+",
@@ -194,14 +204,44 @@ def render(args: argparse.Namespace) -> np.ndarray:
     return draw_regions(image, row.boxes_xyxy_px, _labels(row, store.manifest), config)
 
 
+def check_out_path(out: str, overwrite: bool) -> None:
+    """Refuse an ``--out`` that is not a ``.png`` file name, is a directory, or exists (without
+    ``overwrite``). A missing parent folder is fine: ``write_picture`` creates it.
+
+    Raises:
+        VisualizeError: the message names the flag and what to do.
+    """
+    path = Path(out)
+    if path.suffix.lower() != PICTURE_SUFFIX:
+        raise VisualizeError(f"--out {out}: the extension must be {PICTURE_SUFFIX}")
+    if path.is_dir():
+        raise VisualizeError(f"--out {out} is a directory: give a {PICTURE_SUFFIX} file name")
+    if path.exists() and not overwrite:
+        raise VisualizeError(f"--out {out} already exists: pass --overwrite to replace it")
+
+
+def write_picture(out: str, picture: np.ndarray) -> None:
+    """Write uint8 RGB ``picture`` ``[H, W, 3]`` as a PNG at ``out``, creating its folder.
+
+    Raises:
+        VisualizeError: the folder cannot be created or OpenCV cannot write the file.
+    """
+    path = Path(out)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise VisualizeError(f"--out {out}: cannot create the folder {path.parent}: {exc}") from exc
+    if not cv2.imwrite(str(path), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)):
+        raise VisualizeError(f"OpenCV could not write {out}")
+
+
 def run(args: argparse.Namespace) -> int:
     try:
+        check_out_path(args.out, args.overwrite)
         picture = render(args)
+        write_picture(args.out, picture)
     except (VisualizeError, StoreSchemaError, ShardReadError, SampleRejected) as exc:
         log.error("%s", exc)
-        return 2
-    if not cv2.imwrite(args.out, cv2.cvtColor(picture, cv2.COLOR_RGB2BGR)):
-        log.error("OpenCV could not write %s (the extension must be .png)", args.out)
         return 2
     log.info("wrote %s (%dx%d)", args.out, picture.shape[1], picture.shape[0])
     return 0
