@@ -44,7 +44,11 @@ Faults:
   no lock, which is logged).
 
 Exit codes: 0 every shard completed (error rows allowed); 1 refused before any work (bad flags, a store
-that is not ours or of another config, a held lock); 2 some shards failed (argparse usage errors also exit 2).
+that is not ours or of another config, a held lock); 2 some shards failed, or a usage error: argparse's own
+(a bad flag value such as ``--max-tokens 2``) and local shard files that do not exist (checked after brace
+expansion, before Ray starts; ``s3://`` shards are not checked, an unreachable one becomes a failed shard).
+When every sample of the run became an error row of one reason, the summary carries a warning (``warnings``
+in the JSON, and logged) with the flag that most likely fixes it; the exit code stays 0.
 
 Ray's workers get the driver's current directory on their ``sys.path``; ``ray.init`` is therefore called
 from the directory that holds regionflow's own packages, so a user's ``model.py`` cannot shadow ours, and no
@@ -89,6 +93,7 @@ from workers.store import (
     remove_stray_temporaries,
     write_manifest,
 )
+from workers.tokenizer import MIN_MAX_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +114,17 @@ DETECTOR_SEED = 0
 OBJECT_STORE_ENV_PREFIX = "AWS_"  # forwarded to read tasks of s3:// shards (read_task_runtime_env)
 
 EXIT_OK, EXIT_REFUSED, EXIT_FAILED_SHARDS = 0, 1, 2
+EXIT_USAGE = 2  # argparse's code for usage errors; also used for local shard files that do not exist
+MISSING_SHARDS_SHOWN = 10  # missing shard paths named in the error message
+LOCAL_FILE_SCHEME = "file://"
+# The flag that most likely fixes a run whose every sample is an error row of this reason.
+REASON_HINTS: dict[str, str] = {
+    ErrorReason.BOXES_MISSING: "did you mean --boxes fixed (or --boxes adaptive)?",
+    ErrorReason.BOXES_INVALID: 'check the samples\' "boxes" / "box_format", or use --boxes fixed',
+    ErrorReason.MISSING_CAPTION: "did you mean --captions optional?",
+    ErrorReason.IMAGE_TOO_LARGE: "raise --max-pixels",
+    ErrorReason.MISSING_IMAGE: "are these image shards (KEY.jpg / KEY.png members)?",
+}
 VOCAB_FILES = {"objects": "objects_vocab.txt", "attributes": "attributes_vocab.txt"}
 VERSIONED_LIBRARIES = (
     "torch",
@@ -125,6 +141,23 @@ VERSIONED_LIBRARIES = (
 class ExtractRefused(RuntimeError):
     """The run cannot start (bad arguments, a store that is not ours or of another config, a held lock);
     nothing was written."""
+
+
+class ShardsNotFound(ValueError):
+    """Local shard files that do not exist (found before Ray starts; a usage error, exit code 2).
+
+    Attributes:
+        paths: the missing files, in the order given (after brace expansion).
+    """
+
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+        shown = ", ".join(paths[:MISSING_SHARDS_SHOWN])
+        more = f", ... ({len(paths)} in all)" if len(paths) > MISSING_SHARDS_SHOWN else ""
+        super().__init__(
+            f"{len(paths)} shard file(s) do not exist: {shown}{more} "
+            "(check the path and any {a..b} brace range)"
+        )
 
 
 @dataclass(frozen=True)
@@ -170,8 +203,11 @@ class ExtractConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.detector_threads is not None and self.detector_threads < 1:
             raise ValueError(f"detector_threads must be >= 1, got {self.detector_threads}")
-        if self.max_tokens < 2:
-            raise ValueError("max_tokens must be >= 2 ([CLS] and [SEP] count toward it)")
+        if self.max_tokens < MIN_MAX_TOKENS:
+            raise ValueError(
+                f"--max-tokens must be >= {MIN_MAX_TOKENS} ([CLS], one word piece and [SEP] count toward it), "
+                f"got {self.max_tokens}"
+            )
         for name in ("weights", "tokenizer", "vocab"):
             path = getattr(self, name)
             if path is not None and not Path(path).exists():
@@ -208,6 +244,18 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _max_tokens(text: str) -> int:
+    """``--max-tokens``: an int of at least ``MIN_MAX_TOKENS`` (a caption needs ``[CLS]``, a word piece and
+    ``[SEP]``)."""
+    value = _positive_int(text)
+    if value < MIN_MAX_TOKENS:
+        raise argparse.ArgumentTypeError(
+            f"must be at least {MIN_MAX_TOKENS}: [CLS] and [SEP] count toward the limit and a caption needs "
+            f"at least one word piece between them (got {value})"
+        )
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``regionflow extract`` (DESIGN §9 *CLI*)."""
     from workers.detector_config import BOX_MODES, detector_config_names
@@ -215,20 +263,81 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("shards", nargs="+", metavar="SHARD_URL", help="tar shards; brace ranges allowed")
     parser.add_argument("--out", required=True, metavar="STORE", help="store directory or s3:// prefix")
-    parser.add_argument("--config", default="butd-r101-c4", choices=detector_config_names())
-    parser.add_argument("--boxes", default="fixed", choices=BOX_MODES)
     parser.add_argument(
-        "--num-boxes", type=_positive_int, default=None, help=f"K of --boxes fixed ({DEFAULT_NUM_BOXES})"
+        "--config",
+        default="butd-r101-c4",
+        choices=detector_config_names(),
+        help="detector: butd-r101-c4 (bottom-up attention, 2048-d) or tiny (64-d, for tests and quick tries); "
+        "default %(default)s",
+    )
+    parser.add_argument(
+        "--boxes",
+        default="fixed",
+        choices=BOX_MODES,
+        help="regions: fixed (the K most confident, see --num-boxes), adaptive (10..100 above confidence "
+        '0.2) or given (the sample JSON\'s "boxes"; samples without them become error rows); '
+        "default %(default)s",
+    )
+    parser.add_argument(
+        "--num-boxes",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help=f"K of --boxes fixed ({DEFAULT_NUM_BOXES})",
     )
     parser.add_argument("--weights", metavar="FILE", help="detector checkpoint (default: random init)")
     parser.add_argument("--vocab", metavar="DIR", help="objects_vocab.txt / attributes_vocab.txt folder")
-    parser.add_argument("--captions", default="required", choices=CAPTION_MODES)
-    parser.add_argument("--max-tokens", type=_positive_int, default=DEFAULT_MAX_TOKENS)
-    parser.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS)
-    parser.add_argument("--detectors", type=_positive_int, default=1, help="detector actors")
-    parser.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH_SIZE)
-    parser.add_argument("--detector-threads", type=_positive_int, default=None)
-    parser.add_argument("--shards-in-flight", type=_positive_int, default=DEFAULT_SHARDS_IN_FLIGHT)
+    parser.add_argument(
+        "--captions",
+        default="required",
+        choices=CAPTION_MODES,
+        help="required: a sample without a caption becomes an error row; optional: it is kept with no "
+        "captions; default %(default)s",
+    )
+    parser.add_argument(
+        "--max-tokens",
+        type=_max_tokens,
+        default=DEFAULT_MAX_TOKENS,
+        metavar="N",
+        help=f"caption length limit in word pieces, [CLS] and [SEP] included (at least {MIN_MAX_TOKENS}); "
+        "longer captions are cut and flagged; default %(default)s",
+    )
+    parser.add_argument(
+        "--max-pixels",
+        type=_positive_int,
+        default=DEFAULT_MAX_PIXELS,
+        metavar="N",
+        help="images with more pixels (width x height, read from the header) become error rows without "
+        "being decoded; default %(default)s",
+    )
+    parser.add_argument(
+        "--detectors",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="detector actors (at most one per GPU on a GPU cluster); default %(default)s",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=DEFAULT_BATCH_SIZE,
+        metavar="N",
+        help="images per detector call (memory, not output); default %(default)s",
+    )
+    parser.add_argument(
+        "--detector-threads",
+        type=_positive_int,
+        default=None,
+        metavar="N",
+        help="torch threads per detector actor (default: the node's cores shared among the detectors)",
+    )
+    parser.add_argument(
+        "--shards-in-flight",
+        type=_positive_int,
+        default=DEFAULT_SHARDS_IN_FLIGHT,
+        metavar="N",
+        help="shards read at the same time (memory, not output); default %(default)s",
+    )
     parser.add_argument("--overwrite", action="store_true", help="replace a store of another config")
     parser.add_argument("--address", help="join this Ray cluster (default: start Ray locally)")
     parser.add_argument("--with-cls-prob", action="store_true", help="store [N, 1601] class probabilities")
@@ -264,10 +373,14 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``regionflow extract``; prints the JSON summary; returns 0, 1 (refused) or 2 (failed shards)."""
+    """Run ``regionflow extract``; prints the JSON summary; returns 0, 1 (refused) or 2 (failed shards, or
+    missing local shard files: a usage error, reported like argparse's before Ray starts)."""
     try:
         config = config_from_args(args)
         summary = extract(args.shards, args.out, config)
+    except ShardsNotFound as exc:
+        print(f"regionflow extract: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     except (ExtractRefused, ValueError, StoreLockedError) as exc:
         print(f"regionflow extract: error: {exc}", file=sys.stderr)
         return EXIT_REFUSED
@@ -570,8 +683,18 @@ class ExtractSummary:
     def images_per_s(self) -> float:
         return self.rows / self.processing_s if self.processing_s > 0 else 0.0
 
+    def warnings(self) -> list[str]:
+        """What the user most likely got wrong: every sample of this run is an error row of one reason
+        (the exit code stays 0: error rows are allowed, §9)."""
+        if self.rows or len(self.error_rows_by_reason) != 1:
+            return []
+        reason = next(iter(self.error_rows_by_reason))
+        hint = REASON_HINTS.get(reason, "see the error tables (parts/<shard>.errors.arrow)")
+        return [f"all {self.error_rows} samples are error rows ({reason}): {hint}"]
+
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
+        out["warnings"] = self.warnings()
         out["shards_failed"] = len(self.failed_shards)
         out["images_per_s"] = round(self.images_per_s, 3)
         out["startup_s"] = round(self.startup_s, 3)
@@ -811,6 +934,7 @@ def extract(
         ExtractRefused: the store is not a regionflow store, or holds another config (without
             ``overwrite``); more detectors than GPUs.
         StoreLockedError: another live run holds the store's lock.
+        ShardsNotFound: local shard files that do not exist (checked before anything else starts).
         ValueError: bad shard URLs (duplicate shard ids) or a bad vocabulary folder.
     """
     from workers.reader import expand_shard_urls
@@ -818,6 +942,9 @@ def extract(
 
     started_utc = _utc_now()
     urls = [_absolute(url) for url in expand_shard_urls(list(shard_urls))]
+    missing = missing_local_shards(urls)
+    if missing:
+        raise ShardsNotFound(missing)
     read_env = read_task_runtime_env(urls)
     vocabularies = load_vocabularies(config.vocab) if config.vocab else None
     location = StoreLocation.parse(out)
@@ -920,6 +1047,21 @@ def read_task_runtime_env(urls: list[str]) -> dict[str, Any] | None:
         return None
     env = {k: v for k, v in sorted(os.environ.items()) if k.startswith(OBJECT_STORE_ENV_PREFIX)}
     return {"env_vars": env} if env else None
+
+
+def missing_local_shards(urls: list[str]) -> list[str]:
+    """The local shard paths among ``urls`` (plain paths and ``file://`` URLs) that do not exist, in order; object-store URLs (``s3://``) are not checked here (an unreachable one becomes a failed shard)."""
+    missing = []
+    for url in urls:
+        if url.startswith(LOCAL_FILE_SCHEME):
+            path = url[len(LOCAL_FILE_SCHEME) :]
+        elif "://" in url:
+            continue
+        else:
+            path = url
+        if not os.path.exists(path):
+            missing.append(url)
+    return missing
 
 
 def _absolute(url: str) -> str:
@@ -1092,5 +1234,7 @@ def _log_summary(summary: ExtractSummary) -> None:
         summary.error_rows,
         summary.images_per_s,
     )
+    for warning in summary.warnings():
+        logger.warning("%s", warning)
     if summary.random_init:
         logger.warning("RANDOM INIT: this store's features come from an untrained detector")

@@ -176,16 +176,17 @@ def test_resume_after_crash(store: Path, shards: list[str], tmp_path: Path) -> N
 
 
 def test_failed_shard_exits_2(shards: list[str], tmp_path: Path, capsys, ray_session: object) -> None:
-    missing = str(tmp_path / "gone-000.tar")
+    unreadable = tmp_path / "junk-000.tar"  # exists (a missing local file is refused before Ray starts)
+    unreadable.write_bytes(b"this is not a tar file\n" * 40)
     out = tmp_path / "store"
-    code = cli.main(["extract", shards[0], missing, "--out", str(out), "--config", "tiny",
+    code = cli.main(["extract", shards[0], str(unreadable), "--out", str(out), "--config", "tiny",
                      "--detector-threads", "1", "--num-boxes", "12"])  # fmt: skip
     summary = json.loads(capsys.readouterr().out)
     assert code == 2 and summary["exit_code"] == 2
-    assert [f["shard"] for f in summary["failed_shards"]] == ["gone-000"]
-    assert "gone-000" in summary["failed_shards"][0]["error"]
+    assert [f["shard"] for f in summary["failed_shards"]] == ["junk-000"]
+    assert "junk-000" in summary["failed_shards"][0]["error"]
     assert summary["shards_done"] == 1 and summary["rows"] == 4
-    assert [f["shard"] for f in manifest_of(out)["failed_shards"]] == ["gone-000"]
+    assert [f["shard"] for f in manifest_of(out)["failed_shards"]] == ["junk-000"]
     assert sorted(files_of(out)) == ["sa-000.arrow", "sa-000.done.json", "sa-000.errors.arrow"]
     assert_store_invariants(out)
 
