@@ -61,8 +61,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rerank-top", type=int, default=0, help="re-rank only the top K of the pooled dot product"
     )
-    parser.add_argument("--vqa-questions", default="")
-    parser.add_argument("--vqa-annotations", default="")
+    parser.add_argument(
+        "--vqa-questions", default="", metavar="FILE", help="VQA v2 questions JSON (task vqa)"
+    )
+    parser.add_argument(
+        "--vqa-annotations", default="", metavar="FILE", help="VQA v2 annotations JSON (task vqa)"
+    )
     parser.add_argument(
         "--shuffle-visual", action="store_true", help="control: permute visual rows across images"
     )
@@ -70,8 +74,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--checkpoint", default="", help="a training checkpoint to evaluate instead of RUN/model.pt"
     )
-    parser.add_argument("--batch-size", type=int, default=DEFAULT_EVAL_BATCH)
-    parser.add_argument("--beam-size", type=int, default=1)
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=DEFAULT_EVAL_BATCH,
+        help="(caption, image) pairs per forward pass; default %(default)s",
+    )
+    parser.add_argument(
+        "--beam-size", type=int, default=1, help="caption decoding beam (1: greedy); default %(default)s"
+    )
     parser.add_argument("--seed", type=int, default=0, help="negatives and control permutations")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default="", help="report directory (default RUN/eval[-control])")
