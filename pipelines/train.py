@@ -146,21 +146,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue RUN from its latest checkpoint")
     parser.add_argument("--vqa-questions", default="", help="VQA v2 questions JSON")
     parser.add_argument("--vqa-annotations", default="", help="VQA v2 annotations JSON")
-    parser.add_argument("--vqa-min-answer-count", type=int, default=DEFAULT_MIN_ANSWER_COUNT)
-    parser.add_argument("--holdout-fraction", type=float, default=DEFAULT_HOLDOUT_FRACTION)
+    parser.add_argument(
+        "--vqa-min-answer-count",
+        type=int,
+        default=DEFAULT_MIN_ANSWER_COUNT,
+        help="answers given at least this often in training enter the VQA answer vocabulary",
+    )
+    parser.add_argument(
+        "--holdout-fraction",
+        type=float,
+        default=DEFAULT_HOLDOUT_FRACTION,
+        help="share of images held out for evaluate (by sha256 of shard and key)",
+    )
     parser.add_argument("--batch-size", type=int, default=16, help="per worker and micro-batch")
-    parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--weight-decay", type=float, default=0.01)
-    parser.add_argument("--warmup-steps", type=int, default=0)
-    parser.add_argument("--max-grad-norm", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--model-config", choices=("tiny", "small", "base"), default="base")
+    parser.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW)")
+    parser.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    parser.add_argument(
+        "--warmup-steps", type=int, default=0, help="linear warm-up steps, then linear decay to 0"
+    )
+    parser.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient-norm clipping")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the init, data order and masking")
+    parser.add_argument(
+        "--model-config",
+        choices=("tiny", "small", "base"),
+        default="base",
+        help="tiny (tests), small (random-init text, the CPU demo) or base (pretrained MiniLM text)",
+    )
     parser.add_argument("--text-layers", type=int, default=0, help="BERT layers used (0: the preset's)")
     parser.add_argument(
         "--contrastive-weight", type=float, default=0.0, help="trains the --rerank-top first stage"
     )
-    parser.add_argument("--checkpoint-every", type=int, default=100)
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=100, help="steps between checkpoints (and one at the end)"
+    )
     parser.add_argument(
         "--stop-after-steps", type=int, default=0, help="stop early with a checkpoint (0: no)"
     )
