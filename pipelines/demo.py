@@ -67,6 +67,9 @@ class DemoConfig:
         contrastive_weight (float, 1.0): weight of the in-batch contrastive loss that trains the first stage.
         rerank_top (int, 10): retrieval re-ranks the top K of the pooled dot product with matching logits.
         eval_threads (int, 1): torch threads of ``evaluate`` (more threads on a busy 2-core machine are slower).
+        boxes (str, "given"): ``extract --boxes``: ``given`` pools the scene's true boxes; ``fixed`` the
+            detector's own ``num_boxes`` boxes (random-init proposals: the README's second line of figures).
+        num_boxes (int, 10): boxes per image with ``boxes="fixed"``.
         pictures (int, 3): held-out images drawn with ``visualize``.
         picture_scale (float, 3.0): ``visualize --scale``.
     """
@@ -85,6 +88,8 @@ class DemoConfig:
     contrastive_weight: float = 1.0
     rerank_top: int = 10
     eval_threads: int = 1
+    boxes: str = "given"
+    num_boxes: int = 10
     pictures: int = 3
     picture_scale: float = 3.0
     tasks: tuple[str, ...] = ("pretrain", "retrieval", "vqa", "caption")
@@ -181,6 +186,13 @@ def run_stage(name: str, argv: list[str], paths: DemoPaths, executable: str) -> 
     return StageResult(name, argv, code, seconds, str(log))
 
 
+def box_flags(config: DemoConfig) -> list[str]:
+    """``extract`` flags of the demo's box mode."""
+    if config.boxes == "fixed":
+        return ["--boxes", "fixed", "--num-boxes", str(config.num_boxes)]
+    return ["--boxes", config.boxes]
+
+
 def stage_plan(config: DemoConfig, paths: DemoPaths) -> list[tuple[str, list[str]]]:
     """(name, argv) of synth, extract, train and the three evaluations, in order."""
     num_shards = -(-config.images // config.samples_per_shard)
@@ -192,7 +204,7 @@ def stage_plan(config: DemoConfig, paths: DemoPaths) -> list[tuple[str, list[str
     return [
         ("synth", ["synth", "--out", str(paths.corpus), "--images", str(config.images),
                    "--samples-per-shard", str(config.samples_per_shard), "--seed", str(config.seed)]),
-        ("extract", ["extract", *shards, "--out", str(paths.store), "--config", "tiny", "--boxes", "given"]),
+        ("extract", ["extract", *shards, "--out", str(paths.store), "--config", "tiny", *box_flags(config)]),
         ("train", ["train", str(paths.store), "--task", tasks, "--workers", str(config.workers),
                    "--out", str(paths.run), "--max-steps", str(config.max_steps), *vqa,
                    "--holdout-fraction", str(config.holdout_fraction), "--model-config", config.model_config,
@@ -309,6 +321,10 @@ def _retrieval_rows(label: str, entry: dict[str, Any]) -> list[str]:
     return rows
 
 
+def _box_fields(config: dict[str, Any]) -> dict[str, Any]:
+    return {name: config[name] for name in ("boxes", "num_boxes") if name in config}
+
+
 def results_markdown(summary: dict[str, Any]) -> str:
     """The results table and context lines as Markdown."""
     results, config = summary["results"], summary["config"]
@@ -317,7 +333,8 @@ def results_markdown(summary: dict[str, Any]) -> str:
     lines += [
         f"Corpus: {config['images']} synthetic images (seed {config['seed']}), "
         f"{summary['heldout_images']} held out by key hash (fraction {config['holdout_fraction']}). "
-        f"Features: `extract --config tiny --boxes given` (random-init detector, true boxes). "
+        f"Features: `extract --config tiny {' '.join(box_flags(DemoConfig(**_box_fields(config))))}` "
+        f"(random-init detector, {'true boxes' if config.get('boxes', 'given') == 'given' else 'its own boxes'}). "
         f"Model: `--model-config {config['model_config']}` (text stream: {TEXT_STREAMS[config['model_config']]}), "
         f"{config['max_steps']} steps of batch {config['batch_size']} per worker, {config['workers']} Ray Train "
         f"workers on CPU, tasks {', '.join(config['tasks'])}.",
@@ -465,6 +482,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=defaults.lr)
     parser.add_argument("--holdout-fraction", type=float, default=defaults.holdout_fraction)
     parser.add_argument("--model-config", choices=tuple(TEXT_STREAMS), default=defaults.model_config)
+    parser.add_argument(
+        "--boxes",
+        choices=("given", "fixed"),
+        default=defaults.boxes,
+        help="extract --boxes: the scene's true boxes (the demo) or the detector's own (README's second line)",
+    )
+    parser.add_argument(
+        "--num-boxes", type=int, default=defaults.num_boxes, help="boxes per image with --boxes fixed"
+    )
     return parser
 
 
@@ -480,6 +506,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         lr=args.lr,
         holdout_fraction=args.holdout_fraction,
         model_config=args.model_config,
+        boxes=args.boxes,
+        num_boxes=args.num_boxes,
     )
     try:
         summary = run_demo(config, Path(args.out))
