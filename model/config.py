@@ -55,6 +55,10 @@ class ModelConfig:
         itm_negative_fraction (float, 0.5): fraction of pairs whose image is swapped for another image.
         contrastive_weight (float, 0.0): weight of an in-batch contrastive loss on the unimodal pooled vectors
             added to "retrieval" (0 = ITM only); it trains the cheap first-stage dot product.
+        itm_hard_negatives (bool, False): in "retrieval", draw each ITM negative's image from the batch's other
+            images with probability ∝ exp(contrastive similarity / temperature) instead of uniformly (ALBEF,
+            Li et al. 2021, §3.2), so the matching head learns the near misses that ``--rerank-top`` must order.
+            Needs ``contrastive_weight > 0``.
     Special tokens (BERT uncased WordPiece ids):
         pad_token_id (int, 0), cls_token_id (int, 101), sep_token_id (int, 102), mask_token_id (int, 103).
     """
@@ -85,6 +89,7 @@ class ModelConfig:
     mrm_regression: str = "mse"
     itm_negative_fraction: float = 0.5
     contrastive_weight: float = 0.0
+    itm_hard_negatives: bool = False
     pad_token_id: int = 0
     cls_token_id: int = 101
     sep_token_id: int = 102
@@ -107,6 +112,8 @@ class ModelConfig:
                 ok = isinstance(value, int) and not isinstance(value, bool)
             elif hint is str:
                 ok = isinstance(value, str)
+            elif hint is bool:
+                ok = isinstance(value, bool)
             else:  # tuple[int, ...]
                 ok = isinstance(value, tuple) and all(
                     isinstance(v, int) and not isinstance(v, bool) for v in value
@@ -139,6 +146,10 @@ class ModelConfig:
         for name in ("mlm_probability", "mrm_probability", "itm_negative_fraction"):
             _require(0.0 <= getattr(self, name) <= 1.0, f"{name} must be in [0, 1]")
         _require(self.contrastive_weight >= 0.0, "contrastive_weight must be >= 0")
+        _require(
+            not self.itm_hard_negatives or self.contrastive_weight > 0.0,
+            "itm_hard_negatives draws from the contrastive similarity: it needs contrastive_weight > 0",
+        )
 
     @property
     def num_co_layers(self) -> int:

@@ -106,6 +106,13 @@ def caption_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor
     return masked_mean(per_token, mask.reshape(-1))
 
 
+def contrastive_logits(
+    text: torch.Tensor, visual: torch.Tensor, temperature: float = CONTRASTIVE_TEMPERATURE
+) -> torch.Tensor:
+    """Cosine similarity / temperature, float32 ``[B_text, B_visual]``, of ``text`` ``[B, d]`` and ``visual``."""
+    return (F.normalize(text.float(), dim=-1) @ F.normalize(visual.float(), dim=-1).T) / temperature
+
+
 def contrastive_loss(
     text: torch.Tensor,
     visual: torch.Tensor,
@@ -117,7 +124,7 @@ def contrastive_loss(
     Rows showing the same image (equal ``image_index``) are all positives of each other (the target spreads
     evenly over them). ``text``, ``visual``: float ``[B, d]``; ``image_index``: int64 ``[B]``.
     """
-    logits = (F.normalize(text.float(), dim=-1) @ F.normalize(visual.float(), dim=-1).T) / temperature
+    logits = contrastive_logits(text, visual, temperature)
     same = (image_index[:, None] == image_index[None, :]).float()  # (B, B)
     target = same / same.sum(dim=1, keepdim=True)
     text_to_image = F.cross_entropy(logits, target)

@@ -5,6 +5,7 @@ captions. Input corruption (token and region masking, negative pairs) is drawn f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,6 +22,7 @@ from model.vilbert import TwoStreamModel, TwoStreamOutput, init_weights
 TASKS = ("pretrain", "retrieval", "vqa", "caption")
 MLM_REPLACE_WITH_MASK = 0.8  # BERT: of the chosen tokens, 80% [MASK], 10% random token, 10% unchanged
 MLM_REPLACE_WITH_RANDOM = 0.1
+_GUMBEL_EPS = 1e-12  # keeps log(-log(u)) finite for u drawn at 0 or 1
 
 
 @dataclass
@@ -68,20 +70,29 @@ class Corruption:
 
 
 def sample_negatives(
-    image_index: torch.Tensor, fraction: float, generator: torch.Generator
+    image_index: torch.Tensor,
+    fraction: float,
+    generator: torch.Generator,
+    logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick, for about ``fraction`` of the rows, another row whose image differs (``image_index``), uniformly.
+    """Pick, for about ``fraction`` of the rows, another row whose image differs (``image_index``).
 
-    A row with no other image in the batch stays a match. Draws ``B + B*B`` uniforms from ``generator`` (CPU).
-    Returns ``(partner int64 [B], is_match bool [B])`` on CPU.
+    Uniformly, or with ``logits`` (float ``[B, B]``, row i's text against row j's image, e.g. contrastive
+    similarity / temperature) with probability ∝ ``exp(logits[i, j])`` over the other images' rows (hard
+    negatives, ALBEF), drawn by the Gumbel-max trick. A row with no other image in the batch stays a match.
+    Draws ``B + B*B`` uniforms from ``generator`` (CPU) either way. Returns ``(partner int64 [B], is_match bool
+    [B])`` on CPU.
     """
     index = image_index.cpu()
     b = index.shape[0]
     wants_negative = torch.rand(b, generator=generator) < fraction
     draw = torch.rand(b, b, generator=generator)
-    draw = torch.where(index[:, None] == index[None, :], -1.0, draw)  # never the same image
+    if logits is not None:  # Gumbel-max: argmax_j(logits_ij + Gumbel noise) ~ softmax_j(logits_ij)
+        gumbel = -torch.log(-torch.log(draw.clamp(min=_GUMBEL_EPS, max=1.0 - _GUMBEL_EPS)))
+        draw = logits.detach().float().cpu() + gumbel
+    draw = torch.where(index[:, None] == index[None, :], -math.inf, draw)  # never the same image
     best, partner = draw.max(dim=1)
-    is_match = ~(wants_negative & (best >= 0.0))
+    is_match = ~(wants_negative & (best > -math.inf))
     partner = torch.where(is_match, torch.arange(b), partner)
     return partner, is_match
 
@@ -288,13 +299,17 @@ class TaskModel(nn.Module):
         return {"mlm": mlm, "mrm": mrm, "itm": itm}
 
     def _retrieval_losses(self, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        partner, is_match = sample_negatives(batch.image_index, self.config.itm_negative_fraction, generator)
-        paired = _pair_images(batch, partner.to(batch.input_ids.device))
-        parts = {"itm": losses.itm_loss(self.match_logits(paired), is_match.to(batch.input_ids.device))}
+        parts, similarity = {}, None
         if self.config.contrastive_weight > 0:
             pooled = self.pooled(batch)
             itc = losses.contrastive_loss(pooled.pooled_text, pooled.pooled_visual, batch.image_index)
             parts["itc"] = self.config.contrastive_weight * itc
+            if self.config.itm_hard_negatives:
+                similarity = losses.contrastive_logits(pooled.pooled_text, pooled.pooled_visual)
+        fraction = self.config.itm_negative_fraction
+        partner, is_match = sample_negatives(batch.image_index, fraction, generator, similarity)
+        paired = _pair_images(batch, partner.to(batch.input_ids.device))
+        parts["itm"] = losses.itm_loss(self.match_logits(paired), is_match.to(batch.input_ids.device))
         return parts
 
     def _vqa_losses(self, batch: Batch, generator: torch.Generator) -> dict[str, torch.Tensor]:

@@ -65,6 +65,8 @@ class DemoConfig:
         lr (float, 5e-4): peak learning rate (linear warm-up and decay).
         warmup_steps (int, 100): warm-up steps.
         contrastive_weight (float, 1.0): weight of the in-batch contrastive loss that trains the first stage.
+        hard_negatives (bool, True): ``train --hard-negatives`` (matching-head negatives drawn by contrastive
+            similarity, so the re-ranking of the top 10 learns near misses).
         rerank_top (int, 10): retrieval re-ranks the top K of the pooled dot product with matching logits.
         eval_threads (int, 1): torch threads of ``evaluate`` (more threads on a busy 2-core machine are slower).
         boxes (str, "given"): ``extract --boxes``: ``given`` pools the scene's true boxes; ``fixed`` the
@@ -86,6 +88,7 @@ class DemoConfig:
     lr: float = 5e-4
     warmup_steps: int = 100
     contrastive_weight: float = 1.0
+    hard_negatives: bool = True
     rerank_top: int = 10
     eval_threads: int = 1
     boxes: str = "given"
@@ -210,7 +213,8 @@ def stage_plan(config: DemoConfig, paths: DemoPaths) -> list[tuple[str, list[str
                    "--holdout-fraction", str(config.holdout_fraction), "--model-config", config.model_config,
                    "--batch-size", str(config.batch_size), "--lr", str(config.lr),
                    "--warmup-steps", str(config.warmup_steps), "--threads", str(config.threads_per_worker),
-                   "--contrastive-weight", str(config.contrastive_weight), "--checkpoint-every",
+                   "--contrastive-weight", str(config.contrastive_weight),
+                   *(["--hard-negatives"] if config.hard_negatives else []), "--checkpoint-every",
                    str(config.max_steps)]),
         ("evaluate", [*evaluate, "--task", ",".join(eval_tasks), "--rerank-top", str(config.rerank_top)]),
         ("evaluate-shuffle-visual", [*evaluate, "--task", "retrieval,vqa", "--rerank-top",

@@ -178,6 +178,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--contrastive-weight", type=float, default=0.0, help="trains the --rerank-top first stage"
     )
     parser.add_argument(
+        "--hard-negatives",
+        action="store_true",
+        help="retrieval: draw ITM negatives by contrastive similarity (ALBEF); needs --contrastive-weight",
+    )
+    parser.add_argument(
         "--checkpoint-every", type=int, default=100, help="steps between checkpoints (and one at the end)"
     )
     parser.add_argument(
@@ -256,7 +261,12 @@ SMALL_PRESET: dict[str, Any] = {
 
 
 def build_model_config(
-    preset: str, feature_dim: int, num_answers: int, text_layers: int, contrastive: float
+    preset: str,
+    feature_dim: int,
+    num_answers: int,
+    text_layers: int,
+    contrastive: float,
+    hard_negatives: bool = False,
 ) -> Any:
     """``ModelConfig`` of the preset for the store's feature size; ``text_layers`` keeps the last three co-layers."""
     from model.config import ModelConfig
@@ -267,7 +277,11 @@ def build_model_config(
         base = ModelConfig.tiny(feature_dim=feature_dim, **SMALL_PRESET)
     else:
         base = ModelConfig(feature_dim=feature_dim)
-    changes: dict[str, Any] = {"num_answers": num_answers, "contrastive_weight": contrastive}
+    changes: dict[str, Any] = {
+        "num_answers": num_answers,
+        "contrastive_weight": contrastive,
+        "itm_hard_negatives": hard_negatives,
+    }
     if text_layers:
         co = tuple(range(max(0, text_layers - base.num_co_layers), text_layers))
         changes.update(num_text_layers=text_layers, co_layers_after=co)
@@ -311,7 +325,12 @@ def prepare(args: argparse.Namespace) -> tuple[TrainConfig, Any, dict[str, Any]]
     images = StoreImages(reader)
     sizes, vocab = _split_sizes(images, tasks, args)
     model_config = build_model_config(
-        args.model_config, images.feature_dim, len(vocab), args.text_layers, args.contrastive_weight
+        args.model_config,
+        images.feature_dim,
+        len(vocab),
+        args.text_layers,
+        args.contrastive_weight,
+        args.hard_negatives,
     )
     max_steps = args.max_steps or _steps_from_epochs(sizes["items"], tasks, args)
     config = TrainConfig(

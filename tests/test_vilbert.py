@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -160,6 +162,53 @@ def test_negatives_never_pair_an_image_with_itself():
         assert bool((partner[is_match] == torch.arange(6)[is_match]).all())
     partner, is_match = sample_negatives(torch.zeros(4, dtype=torch.long), 1.0, g)
     assert bool(is_match.all())  # no other image to pair with
+
+
+def test_hard_negatives_follow_the_similarity():
+    image_index = torch.tensor([0, 0, 1, 2, 3, 4])
+    logits = torch.full((6, 6), -30.0)
+    planted = torch.tensor([3, 4, 5, 1, 0, 2])  # each row's most similar other image, far ahead of the rest
+    logits[torch.arange(6), planted] = 30.0
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        partner, is_match = sample_negatives(image_index, 1.0, g, logits)
+        assert bool(is_match.logical_not().all())
+        assert partner.tolist() == planted.tolist()
+
+
+def test_hard_negatives_never_pick_the_same_image_and_draw_like_uniform():
+    image_index = torch.tensor([0, 0, 1, 1])
+    logits = torch.zeros(4, 4)
+    logits[0, 1] = logits[2, 3] = 50.0  # the same image: must never win, however similar
+    g_hard, g_uniform = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    partner, is_match = sample_negatives(image_index, 1.0, g_hard, logits)
+    sample_negatives(image_index, 1.0, g_uniform)
+    assert bool((image_index[partner] != image_index).all()) and not bool(is_match.any())
+    assert torch.equal(g_hard.get_state(), g_uniform.get_state())  # resume replays the same draws
+
+
+def test_hard_negatives_spread_as_the_softmax():
+    image_index = torch.arange(3)
+    logits = torch.tensor([[0.0, 0.0, math.log(3.0)], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    g = torch.Generator().manual_seed(2)
+    picks = torch.stack([sample_negatives(image_index, 1.0, g, logits)[0][0] for _ in range(4000)])
+    share = float((picks == 2).float().mean())
+    assert abs(share - 0.75) < 0.03  # exp(log 3) / (exp(0) + exp(log 3)) over the other images 1 and 2
+
+
+def test_hard_negatives_need_the_contrastive_loss():
+    with pytest.raises(ValueError, match="contrastive_weight"):
+        ModelConfig.tiny(feature_dim=FEATURE_DIM, itm_hard_negatives=True)
+
+
+def test_retrieval_loss_with_hard_negatives_trains(tiny_config):
+    config = dataclasses.replace(tiny_config, contrastive_weight=1.0, itm_hard_negatives=True)
+    model = TaskModel(config)
+    out = model.losses(make_batch(), "retrieval", torch.Generator().manual_seed(0))
+    out.total.backward()
+    assert set(out.parts) == {"itc", "itm"} and math.isfinite(float(out.total))
+    grads = [p.grad for p in model.match_head.parameters()]
+    assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
 
 
 def test_token_masking_spares_special_tokens(tiny_config):
