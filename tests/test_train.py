@@ -11,7 +11,15 @@ import torch
 from tiny_store import random_rows, write_store, write_vqa
 
 from pipelines.cli import main
-from pipelines.train import EXIT_BAD_INPUT, FAULT_MARKER, LOSSES_FILE, MODEL_FILE, RAY_TRAIN_DIR, RUN_FILE
+from pipelines.train import (
+    EXIT_BAD_INPUT,
+    FAULT_MARKER,
+    LOSSES_FILE,
+    MODEL_FILE,
+    RAY_TRAIN_DIR,
+    RUN_FILE,
+    task_schedule,
+)
 
 D = 8
 TASKS = "retrieval,pretrain,vqa,caption"
@@ -103,6 +111,25 @@ def test_killed_worker_is_restarted_from_the_last_checkpoint(
     _assert_same_weights(out, uninterrupted)
 
 
+def test_task_schedule_lists_each_task_as_often_as_its_weight():
+    assert task_schedule(("a", "b", "c"), (1, 3, 2)) == ("a", "b", "c", "b", "c", "b")
+    assert task_schedule(("a", "b"), ()) == ("a", "b")
+
+
+def test_weighted_schedule_with_hard_negatives(tiny_inputs, tmp_path, ray_session):
+    out = tmp_path / "run"
+    args = _train_args(
+        tiny_inputs, out, "--task-weights", "1,1,3,1", "--contrastive-weight", "1", "--hard-negatives"
+    )
+    args[args.index("--max-steps") + 1] = "6"
+    assert main(args) == 0
+    losses = _losses(out)
+    assert [r["task"] for r in losses] == ["retrieval", "pretrain", "vqa", "caption", "vqa", "vqa"]
+    assert set(losses[0]["parts"]) == {"itc", "itm"}
+    run = json.loads((out / RUN_FILE).read_text())
+    assert run["task_weights"] == [1, 1, 3, 1] and run["model_config"]["itm_hard_negatives"] is True
+
+
 def test_bad_input_is_refused(tiny_inputs, tmp_path, uninterrupted, caplog):
     other = tmp_path / "other_version"
     write_store(other, random_rows(4, D), D, num_shards=1)
@@ -127,6 +154,10 @@ def test_bad_input_is_refused(tiny_inputs, tmp_path, uninterrupted, caplog):
     )
     assert main(args) == EXIT_BAD_INPUT
     assert "2 image id(s) named by the VQA questions are absent from the store: 777, 778" in caplog.text
+    # task weights not one per task, or below 1
+    for weights in ("1,2", "1,0,1,1", "1,a,1,1"):
+        assert main([*_train_args(tiny_inputs, tmp_path / "r4"), "--task-weights", weights]) == EXIT_BAD_INPUT
+        assert "--task-weights must give one integer >= 1 per --task" in caplog.text
     # an empty training split
     args = _train_args(tiny_inputs, tmp_path / "r3")
     assert main([*args, "--holdout-fraction", "0.999999"]) == EXIT_BAD_INPUT
