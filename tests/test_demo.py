@@ -34,6 +34,16 @@ def test_every_planned_command_parses_with_the_real_cli(tmp_path: Path) -> None:
     assert sum(a.endswith(".tar") for a in extract) == 3  # ceil(10 / 4) shards
     train = build_parser("train").parse_args(dict(plan)["train"])
     assert train.workers == 2 and train.task == "pretrain,retrieval,vqa,caption"
+    assert train.task_weights == "1,4,6,1" and train.hard_negatives
+    extract_args = build_parser("extract").parse_args(extract)
+    assert extract_args.boxes == "given"
+    fixed = dict(
+        stage_plan(
+            DemoConfig(images=10, samples_per_shard=4, boxes="fixed", num_boxes=7), DemoPaths(tmp_path)
+        )
+    )
+    fixed_args = build_parser("extract").parse_args(fixed["extract"])
+    assert (fixed_args.boxes, fixed_args.num_boxes) == ("fixed", 7)
     controls = [argv for name, argv in plan if name.startswith("evaluate-shuffle")]
     assert {"--shuffle-visual", "--shuffle-features"} == {
         a for argv in controls for a in argv if "shuffle" in a
