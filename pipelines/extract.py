@@ -111,6 +111,7 @@ ACTOR_MAX_RESTARTS = 4
 ACTOR_MAX_TASK_RETRIES = 4
 WAIT_TIMEOUT_S = 1.0
 DETECTOR_SEED = 0
+OMP_WAIT_POLICY = "OMP_WAIT_POLICY"
 OBJECT_STORE_ENV_PREFIX = "AWS_"  # forwarded to read tasks of s3:// shards (read_task_runtime_env)
 
 EXIT_OK, EXIT_REFUSED, EXIT_FAILED_SHARDS = 0, 1, 2
@@ -413,6 +414,7 @@ class DetectorInfo:
     random_init: bool
     device: str
     threads: int
+    omp_wait_policy: str = ""
 
 
 @dataclass(frozen=True)
@@ -461,6 +463,7 @@ class DetectorActor:
             random_init=bool(self.detector.random_init),
             device=str(self.detector.device),
             threads=torch.get_num_threads(),
+            omp_wait_policy=os.environ.get(OMP_WAIT_POLICY, ""),
         )
 
     def process(self, chunk: ShardChunk) -> ChunkRows:
@@ -579,6 +582,7 @@ class DetectorPool:
             num_gpus=self.resources.actor_gpus,
             max_restarts=ACTOR_MAX_RESTARTS,
             max_task_retries=ACTOR_MAX_TASK_RETRIES,
+            runtime_env={"env_vars": detector_env_vars()},
         )
         return actor_class.remote(self.spec, self.fault)
 
@@ -669,6 +673,7 @@ class ExtractSummary:
     weights_digest: str = ""
     device: str = ""
     detector_threads: int = 0
+    detector_omp_wait_policy: str = ""
     stray_temporaries_removed: int = 0
     detector_busy_s: float = 0.0
     max_batches_in_flight: int = 0  # chunks taken from the read streams and not yet written (driver)
@@ -986,6 +991,7 @@ def extract(
                 info.device,
                 info.threads,
             )
+            summary.detector_omp_wait_policy = info.omp_wait_policy
             manifest = _prepare_store(location, config, extraction, info, tokenizer, vocabularies, summary)
             todo = [url for url in urls if not _is_done(location, url, digest)]
             summary.shards_skipped = len(urls) - len(todo)
@@ -1037,6 +1043,15 @@ def load_vocabularies(directory: str) -> dict[str, Any]:
             raise ValueError(f"{path}: {len(lines)} names, expected {expected[kind]}")
         out[kind] = lines
     return out
+
+
+def detector_env_vars() -> dict[str, str]:
+    """Environment of the detector actors: OpenMP worker threads sleep, not spin, between parallel regions
+    (``OMP_WAIT_POLICY=PASSIVE`` unless the driver's environment sets it). On a CPU shared with decode tasks
+    spinning threads steal the cores they wait for (measured with the tiny detector on 2 busy cores: 6.5 s vs
+    0.23 s for 5 images, ``bench/common.py``).
+    """
+    return {OMP_WAIT_POLICY: os.environ.get(OMP_WAIT_POLICY, "PASSIVE")}
 
 
 def read_task_runtime_env(urls: list[str]) -> dict[str, Any] | None:
