@@ -55,10 +55,6 @@ class ModelConfig:
         itm_negative_fraction (float, 0.5): fraction of pairs whose image is swapped for another image.
         contrastive_weight (float, 0.0): weight of an in-batch contrastive loss on the unimodal pooled vectors
             added to "retrieval" (0 = ITM only); it trains the cheap first-stage dot product.
-        freeze_word_embeddings (bool, False): keep BERT's word embeddings (and so the tied MLM / caption output
-            projections) at their initial values: with a random-init text stream on a small vocabulary of
-            use they need no training, and their 30522 x d matrix is most of a small model's parameters (the
-            optimizer step and the DDP all-reduce shrink by as much).
         itm_hard_negatives (bool, False): in "retrieval", draw each ITM negative's image from the batch's other
             images with probability ∝ exp(contrastive similarity / temperature) instead of uniformly (ALBEF,
             Li et al. 2021, §3.2), so the matching head learns the near misses that ``--rerank-top`` must order.
@@ -94,7 +90,6 @@ class ModelConfig:
     itm_negative_fraction: float = 0.5
     contrastive_weight: float = 0.0
     itm_hard_negatives: bool = False
-    freeze_word_embeddings: bool = False
     pad_token_id: int = 0
     cls_token_id: int = 101
     sep_token_id: int = 102

@@ -161,8 +161,6 @@ class TaskModel(nn.Module):
                 config.dropout,
             )
         self._init_heads()
-        if config.freeze_word_embeddings:
-            word_embeddings.weight.requires_grad_(False)
 
     def _init_heads(self) -> None:
         tied = self.encoder.word_embeddings.weight

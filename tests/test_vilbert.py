@@ -211,17 +211,6 @@ def test_retrieval_loss_with_hard_negatives_trains(tiny_config):
     assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
 
 
-def test_frozen_word_embeddings_get_no_gradient(tiny_config):
-    model = TaskModel(dataclasses.replace(tiny_config, freeze_word_embeddings=True))
-    before = model.encoder.word_embeddings.weight.detach().clone()
-    for task in ("pretrain", "caption"):  # the tied MLM and caption output projections
-        model.losses(make_batch(), task, torch.Generator().manual_seed(0)).total.backward()
-    assert model.encoder.word_embeddings.weight.grad is None
-    assert model.caption_decoder.positions.weight.grad is not None
-    torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1.0).step()
-    assert torch.equal(model.encoder.word_embeddings.weight, before)
-
-
 def test_token_masking_spares_special_tokens(tiny_config):
     batch = make_batch()
     config = ModelConfig.tiny(feature_dim=FEATURE_DIM, mlm_probability=1.0)
