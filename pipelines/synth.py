@@ -7,6 +7,10 @@ Example::
 writes ``corpus/synth-000000.tar`` ... (``KEY.jpg`` + ``KEY.json`` with ``image_id``, ``captions``, ``boxes``
 (xyxy px), ``labels``), ``corpus/questions.json``, ``corpus/annotations.json`` and ``corpus/synth-summary.json``,
 and prints the summary as JSON. Same arguments, same bytes.
+
+Exit codes: 0 written; 2 bad input (message on stderr, nothing written), including an ``--out`` that already
+holds a corpus (``synth-*.tar`` shards or the VQA/summary files) without ``--overwrite``, which first deletes
+exactly those files (never anything else in ``--out``), so a corpus is never a mix of two runs.
 """
 
 from __future__ import annotations
@@ -14,10 +18,24 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
+import sys
+from pathlib import Path
 
-from workers.synth import SynthConfig, write_corpus
+from workers.synth import (
+    ANNOTATIONS_FILE,
+    QUESTIONS_FILE,
+    SHARD_PREFIX,
+    SUMMARY_FILE,
+    SynthConfig,
+    write_corpus,
+)
 
 log = logging.getLogger(__name__)
+
+EXIT_BAD_INPUT = 2
+SHARD_PATTERN = re.compile(rf"^{re.escape(SHARD_PREFIX)}\d+\.tar$")
+CORPUS_FILES = (QUESTIONS_FILE, ANNOTATIONS_FILE, SUMMARY_FILE)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,13 +49,47 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-side", type=int, default=SynthConfig.max_side_px, help="largest image side, px"
     )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help=f"replace an existing corpus in --out ({SHARD_PREFIX}*.tar, {', '.join(CORPUS_FILES)})",
+    )
+
+
+def existing_corpus(out_dir: Path) -> tuple[list[Path], list[Path]]:
+    """``(shards, other files)`` of an earlier corpus in ``out_dir``: ``synth-N.tar`` and the JSON files."""
+    if not out_dir.is_dir():
+        return [], []
+    shards = sorted(p for p in out_dir.iterdir() if SHARD_PATTERN.match(p.name) and p.is_file())
+    others = [out_dir / name for name in CORPUS_FILES if (out_dir / name).is_file()]
+    return shards, others
 
 
 def run(args: argparse.Namespace) -> int:
+    """Write the corpus; return the exit code."""
     if args.images < 1 or args.samples_per_shard < 1:
         log.error("--images and --samples-per-shard must be >= 1")
-        return 2
-    config = SynthConfig(min_side_px=args.min_side, max_side_px=args.max_side)
+        return EXIT_BAD_INPUT
+    out_dir = Path(args.out)
+    if out_dir.exists() and not out_dir.is_dir():
+        print(f"regionflow synth: error: --out {out_dir} exists and is not a directory", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    shards, others = existing_corpus(out_dir)
+    if (shards or others) and not args.overwrite:
+        found = [f"{len(shards)} {SHARD_PREFIX}*.tar shards"] if shards else []
+        names = " / ".join(found + [p.name for p in others])
+        print(
+            f"regionflow synth: error: {out_dir} already holds {names}: pass --overwrite to replace them",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_INPUT
+    try:
+        config = SynthConfig(min_side_px=args.min_side, max_side_px=args.max_side)
+    except ValueError as exc:
+        print(f"regionflow synth: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for path in shards + others:
+        path.unlink()
     summary = write_corpus(args.out, args.images, args.samples_per_shard, args.seed, config)
     log.info("wrote %d images in %d shards to %s", summary.images, len(summary.shards), args.out)
     print(json.dumps({"out": str(args.out), "seed": args.seed, **summary.to_dict()}, indent=1))

@@ -280,3 +280,30 @@ def test_bad_config_is_refused() -> None:
         SynthConfig(min_side_px=200, max_side_px=100)
     with pytest.raises(ValueError):
         SynthConfig(object_count_weights=(0.5, 0.2))
+
+
+def test_cli_refuses_an_existing_corpus_unless_overwrite(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "corpus"
+    argv = ["synth", "--out", str(out), "--images", "3", "--samples-per-shard", "1", "--seed", "1"]
+    assert cli_main(argv) == 0
+    (out / "notes.txt").write_text("kept")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    smaller = ["synth", "--out", str(out), "--images", "2", "--samples-per-shard", "2", "--seed", "2"]
+    assert cli_main(smaller) == 2
+    err = capsys.readouterr().err
+    assert "3 synth-*.tar shards" in err and "questions.json" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert cli_main([*smaller, "--overwrite"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "annotations.json",
+        "notes.txt",
+        "questions.json",
+        "synth-000000.tar",
+        "synth-summary.json",
+    ]
+    assert [s["key"] for s in _read_samples(out)] == ["000001", "000002"]
+    questions = json.loads((out / "questions.json").read_text())["questions"]
+    assert {q["image_id"] for q in questions} == {1, 2}
