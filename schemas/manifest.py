@@ -62,8 +62,27 @@ class ShardAccounting:
 
 
 @dataclass(frozen=True)
+class ShardSource:
+    """Where a shard's rows came from, as recorded in its done marker (§9 *Commit and resume*).
+
+    Attributes:
+        url: the input shard as given, normalised: an absolute local path (``file://`` stripped), or the
+            object-store URL (``s3://bucket/key``) unchanged.
+        size_bytes: the input's byte size when the shard was read (a stat, no hash); None when the stat
+            failed (unknown: never counts as a difference).
+    """
+
+    url: str
+    size_bytes: int | None
+
+
+@dataclass(frozen=True)
 class DoneMarker:
-    """The commit point of one shard: ``parts/<shard>.done.json``, written after the part and error files."""
+    """The commit point of one shard: ``parts/<shard>.done.json``, written after the part and error files.
+
+    ``source`` says which input the rows came from; it is None in markers written before it existed and in
+    stores not made from shards (``regionflow import``): the source is then unknown and not checked.
+    """
 
     shard: str
     config_digest: str
@@ -75,6 +94,21 @@ class DoneMarker:
     errors_sha256: str
     accounting: ShardAccounting
     schema_version: int = field(default=SCHEMA_VERSION)
+    source: ShardSource | None = None
+
+    def source_differences(self, current: ShardSource) -> list[str]:
+        """How ``current`` (this run's input for the shard) differs from the recorded source, as phrases
+        (empty when it does not, or when the marker records no source). A size that either side does not
+        know is not compared."""
+        if self.source is None:
+            return []
+        differences = []
+        if self.source.url != current.url:
+            differences.append(f"source {self.source.url} -> {current.url}")
+        known = self.source.size_bytes is not None and current.size_bytes is not None
+        if known and self.source.size_bytes != current.size_bytes:
+            differences.append(f"size {self.source.size_bytes} -> {current.size_bytes} bytes")
+        return differences
 
     def to_json(self) -> bytes:
         return canonical_json(asdict(self))
@@ -86,6 +120,8 @@ class DoneMarker:
             raw = json.loads(data)
             check_schema_version(raw.get("schema_version"), where=where)
             raw["accounting"] = ShardAccounting(**raw["accounting"])
+            if raw.get("source") is not None:
+                raw["source"] = ShardSource(**raw["source"])
             return cls(**raw)
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise StoreSchemaError(f"{where}: malformed done marker ({exc})") from exc

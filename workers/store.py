@@ -26,6 +26,7 @@ import pyarrow.ipc as ipc
 from schemas.manifest import (
     DoneMarker,
     ShardAccounting,
+    ShardSource,
     canonical_json,
     new_manifest,
     parse_manifest,
@@ -124,12 +125,24 @@ class PartWriter:
     """Streams one shard's rows into ``parts/<shard>.arrow`` batch by batch (memory stays flat), collects
     its error rows, and commits with ``commit`` (error table, then the done marker).
 
+    ``source`` (the input shard's normalised URL and byte size) is recorded in the marker, so that a rerun
+    can tell a rebuilt or different input from the one these rows came from; None when the rows do not come
+    from a shard file.
+
     Raises ``StoreSchemaError`` from ``add_rows`` / ``commit`` when a batch or the accounting violates
     schema v1 (nothing is committed then).
     """
 
-    def __init__(self, location: StoreLocation, shard: str, feature_dim: int, config_digest: str) -> None:
+    def __init__(
+        self,
+        location: StoreLocation,
+        shard: str,
+        feature_dim: int,
+        config_digest: str,
+        source: ShardSource | None = None,
+    ) -> None:
         self.location, self.shard, self.config_digest = location, shard, config_digest
+        self.source = source
         self.schema = row_schema(feature_dim)
         part, _, _ = part_names(shard)
         self._final = location.path(PARTS_DIR, part)
@@ -187,6 +200,7 @@ class PartWriter:
             errors_bytes=len(errors_bytes),
             errors_sha256=hashlib.sha256(errors_bytes).hexdigest(),
             accounting=accounting,
+            source=self.source,
         )
         self.location.write_bytes(self.location.path(PARTS_DIR, marker_name), marker.to_json())
         return marker
@@ -211,6 +225,16 @@ def read_marker(location: StoreLocation, shard: str) -> DoneMarker | None:
     if not location.exists(path):
         return None
     return DoneMarker.from_json(location.read_bytes(path), where=path)
+
+
+def discard_shard(location: StoreLocation, shard: str) -> None:
+    """Delete a committed shard: its marker first (the commit point, so a crash in between leaves an
+    uncommitted part that readers ignore and a resume redoes), then its part and error table."""
+    part, errors, marker = part_names(shard)
+    for name in (marker, part, errors):
+        path = location.path(PARTS_DIR, name)
+        if location.exists(path):
+            location.fs.delete_file(path)
 
 
 def read_manifest(location: StoreLocation) -> dict[str, Any] | None:
