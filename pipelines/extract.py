@@ -40,7 +40,12 @@ Faults:
   in ``manifest.json``; the other shards go on and the exit code is 2.
 - resume: a shard with a done marker of this run's config digest is skipped (the marker is trusted,
   ``regionflow inspect --verify`` re-hashes); stray temporaries are deleted; a store of another digest is
-  refused unless ``--overwrite``. A ``StoreLock`` keeps two runs off one local store (object stores have
+  refused unless ``--overwrite``. The marker also records the input the rows came from (normalised URL and
+  byte size, a stat): a run whose input for a committed shard has another path or size (a rebuilt tar of
+  the same name, a same-named shard from another directory) is refused before any work, naming the shards
+  and what differs, unless ``--overwrite``, which re-extracts exactly those shards (listed in the summary's
+  ``shards_reextracted``) even under the same config digest. Markers written before the source was
+  recorded are trusted as before (logged once). A ``StoreLock`` keeps two runs off one local store (object stores have
   no lock, which is logged).
 
 Exit codes: 0 every shard completed (error rows allowed); 1 refused before any work (bad flags, a store
@@ -79,7 +84,7 @@ import pyarrow as pa
 import ray
 
 from pipelines.inflight import InFlightMeter
-from schemas.manifest import ShardAccounting, config_digest, new_manifest
+from schemas.manifest import DoneMarker, ShardAccounting, ShardSource, config_digest, new_manifest
 from schemas.reasons import ErrorReason
 from schemas.store import NUM_ATTRIBUTE_OUTPUTS, NUM_OBJECT_OUTPUTS, PARTS_DIR, SCHEMA_VERSION
 from workers.rows import ChunkRows, RegionRowBuilder, ShardChunk, shard_chunks
@@ -88,6 +93,7 @@ from workers.store import (
     StoreLocation,
     StoreLock,
     StoreLockedError,
+    discard_shard,
     read_manifest,
     read_marker,
     remove_stray_temporaries,
@@ -117,6 +123,7 @@ OBJECT_STORE_ENV_PREFIX = "AWS_"  # forwarded to read tasks of s3:// shards (rea
 EXIT_OK, EXIT_REFUSED, EXIT_FAILED_SHARDS = 0, 1, 2
 EXIT_USAGE = 2  # argparse's code for usage errors; also used for local shard files that do not exist
 MISSING_SHARDS_SHOWN = 10  # missing shard paths named in the error message
+CHANGED_SHARDS_SHOWN = 5  # shards with another source named in the refusal message
 LOCAL_FILE_SCHEME = "file://"
 # The flag that most likely fixes a run whose every sample is an error row of this reason.
 REASON_HINTS: dict[str, str] = {
@@ -663,6 +670,9 @@ class ExtractSummary:
     shards_total: int
     shards_done: int = 0
     shards_skipped: int = 0
+    shards_reextracted: list[dict[str, str]] = field(
+        default_factory=list
+    )  # shard, what changed (--overwrite)
     failed_shards: list[dict[str, str]] = field(default_factory=list)
     rows: int = 0
     error_rows: int = 0
@@ -763,7 +773,7 @@ class ShardScheduler:
         stream = self.read_task.remote(
             url, self.reader_config, self.config.tokenizer, self.config.max_tokens, self.config.batch_size
         )
-        writer = PartWriter(self.location, shard, self.feature_dim, self.digest)
+        writer = PartWriter(self.location, shard, self.feature_dim, self.digest, shard_source(url))
         return ShardRun(url, shard, attempt, stream, writer)
 
     def _dispatch(self) -> bool:
@@ -961,6 +971,7 @@ def extract(
     t0 = time.perf_counter()
     resources = pool = None
     with lock:
+        committed = _committed_sources(location, urls, overwrite=config.overwrite)
         try:
             resources = _start_ray(config)
             spec = DetectorSpec(
@@ -993,8 +1004,9 @@ def extract(
             )
             summary.detector_omp_wait_policy = info.omp_wait_policy
             manifest = _prepare_store(location, config, extraction, info, tokenizer, vocabularies, summary)
-            todo = [url for url in urls if not _is_done(location, url, digest)]
+            todo = [url for url in urls if not committed.is_done(url, digest)]
             summary.shards_skipped = len(urls) - len(todo)
+            summary.shards_reextracted = committed.discard_changed(location)
             t1 = time.perf_counter()
             ShardScheduler(location, digest, info.feature_dim, config, pool, summary, read_env).run(todo)
             summary.processing_s = time.perf_counter() - t1 if todo else 0.0
@@ -1171,12 +1183,97 @@ def _delete_foreign_parts(location: StoreLocation, digest: str) -> None:
     logger.warning("--overwrite: deleted %d files of another extraction config", removed)
 
 
-def _is_done(location: StoreLocation, url: str, digest: str) -> bool:
-    """A done marker of this digest exists (trusted: no re-hash, §9)."""
+@dataclass(frozen=True)
+class CommittedShards:
+    """The done markers the store holds for this run's shards, read before any work.
+
+    Attributes:
+        markers: shard id -> its marker (of any config digest).
+        changed: shard id -> how this run's input differs from the marker's source (``--overwrite`` only:
+            without it such a run is refused).
+    """
+
+    markers: dict[str, DoneMarker]
+    changed: dict[str, list[str]]
+
+    def is_done(self, url: str, digest: str) -> bool:
+        """A marker of ``digest`` from this same input exists (trusted: no re-hash, §9)."""
+        from workers.reader import shard_id_of
+
+        shard = shard_id_of(url)
+        marker = self.markers.get(shard)
+        return marker is not None and marker.config_digest == digest and shard not in self.changed
+
+    def discard_changed(self, location: StoreLocation) -> list[dict[str, str]]:
+        """Delete the shards whose input changed (they are re-extracted, or failed: never left stale);
+        returns them for the summary."""
+        for shard in sorted(self.changed):
+            discard_shard(location, shard)
+            logger.warning("--overwrite: re-extracting %s (%s)", shard, "; ".join(self.changed[shard]))
+        return [{"shard": s, "changed": "; ".join(d)} for s, d in sorted(self.changed.items())]
+
+
+def _committed_sources(location: StoreLocation, urls: list[str], *, overwrite: bool) -> CommittedShards:
+    """Read the markers of ``urls``' shards and compare each recorded source with the input now.
+
+    Raises:
+        ExtractRefused: some committed shard came from another path or another byte size than this run's
+            input (a rebuilt tar of the same name, a same-named shard elsewhere), and not ``overwrite``.
+    """
     from workers.reader import shard_id_of
 
-    marker = read_marker(location, shard_id_of(url))
-    return marker is not None and marker.config_digest == digest
+    markers: dict[str, DoneMarker] = {}
+    changed: dict[str, list[str]] = {}
+    unrecorded = []
+    for url in urls:
+        shard = shard_id_of(url)
+        marker = read_marker(location, shard)
+        if marker is None:
+            continue
+        markers[shard] = marker
+        if marker.source is None:
+            unrecorded.append(shard)
+        elif differences := marker.source_differences(shard_source(url)):
+            changed[shard] = differences
+    if unrecorded:
+        logger.warning(
+            "%d committed shards (%s...) have markers without their source (an older regionflow): "
+            "trusted without checking that they come from this run's input",
+            len(unrecorded),
+            unrecorded[0],
+        )
+    if changed and not overwrite:
+        shown = [f"{s} ({'; '.join(d)})" for s, d in sorted(changed.items())[:CHANGED_SHARDS_SHOWN]]
+        more = len(changed) - len(shown)
+        raise ExtractRefused(
+            f"{location.root}: {len(changed)} committed shards came from another input than this run's: "
+            f"{', '.join(shown)}{f' and {more} more' if more > 0 else ''}; their rows would be stale. "
+            "Use --overwrite to re-extract them, or choose another --out"
+        )
+    return CommittedShards(markers, changed)
+
+
+def shard_source(url: str) -> ShardSource:
+    """The input of a shard now: its normalised URL (an absolute path for local files and ``file://`` URLs,
+    object-store URLs as given) and its byte size from a stat (``os.stat``; on object storage a HEAD through
+    ``pyarrow.fs``, as the reader opens it). The size is None, with a warning, when the stat fails: the
+    read then reports the problem."""
+    from pyarrow import fs as pafs
+
+    if url.startswith(LOCAL_FILE_SCHEME) or "://" not in url:
+        path = os.path.abspath(url.removeprefix(LOCAL_FILE_SCHEME))
+        try:
+            return ShardSource(path, os.stat(path).st_size)
+        except OSError as exc:
+            logger.warning("cannot stat shard %s: %s", path, exc)
+            return ShardSource(path, None)
+    try:
+        filesystem, inner = pafs.FileSystem.from_uri(url)
+        info = filesystem.get_file_info(inner)
+    except (OSError, ValueError) as exc:
+        logger.warning("cannot stat shard %s: %s", url, exc)
+        return ShardSource(url, None)
+    return ShardSource(url, info.size if info.type == pafs.FileType.File else None)
 
 
 def _provenance(info: DetectorInfo, tokenizer: Any, vocabularies: dict[str, Any] | None) -> dict[str, Any]:
