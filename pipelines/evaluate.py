@@ -109,6 +109,18 @@ def _parse_tasks(text: str) -> list[str]:
     return tasks
 
 
+# smallest value of each integer flag of `evaluate`; `_check_numbers` runs before anything is read
+INT_FLAG_MINIMUMS = {"rerank_top": 0, "batch_size": 1, "beam_size": 1, "threads": 0}
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Raise `EvalInputError` naming the first integer flag below its minimum."""
+    for name, minimum in INT_FLAG_MINIMUMS.items():
+        if getattr(args, name) < minimum:
+            flag = "--" + name.replace("_", "-")
+            raise EvalInputError(f"{flag} must be >= {minimum}, got {getattr(args, name)}")
+
+
 def _control(args: argparse.Namespace) -> str:
     if args.shuffle_visual and args.shuffle_features:
         raise EvalInputError("--shuffle-visual and --shuffle-features are exclusive")
@@ -389,6 +401,7 @@ def evaluate(args: argparse.Namespace) -> Path:
     from pipelines.train import manifest_digest
     from workers.store import StoreReader
 
+    _check_numbers(args)
     tasks, control = _parse_tasks(args.task), _control(args)
     if args.threads:
         torch.set_num_threads(args.threads)

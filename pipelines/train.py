@@ -336,6 +336,45 @@ def _parse_task_weights(text: str, tasks: tuple[str, ...]) -> tuple[int, ...]:
     return tuple(int(p) for p in parts)
 
 
+# smallest value of each integer flag of `train`; `_check_numbers` runs before anything is written
+INT_FLAG_MINIMUMS = {
+    "workers": 1,
+    "batch_size": 1,
+    "grad_accum": 1,
+    "max_steps": 0,
+    "stop_after_steps": 0,
+    "checkpoint_every": 1,
+    "warmup_steps": 0,
+    "threads": 0,
+    "max_failures": 0,
+    "text_layers": 0,
+    "vqa_min_answer_count": 1,
+}
+POSITIVE_FLOATS = ("lr", "epochs", "max_grad_norm")
+NON_NEGATIVE_FLOATS = ("weight_decay", "contrastive_weight")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Raise `TrainInputError` naming the first numeric flag out of range (NaN and infinity included)."""
+    for name, minimum in INT_FLAG_MINIMUMS.items():
+        if getattr(args, name) < minimum:
+            raise TrainInputError(f"{_flag(name)} must be >= {minimum}, got {getattr(args, name)}")
+    for name in POSITIVE_FLOATS + NON_NEGATIVE_FLOATS:
+        value = getattr(args, name)
+        low_ok = value > 0 if name in POSITIVE_FLOATS else value >= 0
+        if not (low_ok and math.isfinite(value)):
+            bound = "> 0" if name in POSITIVE_FLOATS else ">= 0"
+            raise TrainInputError(f"{_flag(name)} must be a finite number {bound}, got {value}")
+    try:
+        check_holdout_fraction(args.holdout_fraction)
+    except ValueError as exc:
+        raise TrainInputError(f"--holdout-fraction: {exc}") from None
+
+
 def prepare(args: argparse.Namespace) -> tuple[TrainConfig, Any, dict[str, Any]]:
     """Validate inputs, fix split and vocabulary, write (or check, on ``--resume``) ``run.json``.
 
@@ -346,9 +385,7 @@ def prepare(args: argparse.Namespace) -> tuple[TrainConfig, Any, dict[str, Any]]
 
     tasks = _parse_tasks(args.task)
     weights = _parse_task_weights(args.task_weights, tasks)
-    check_holdout_fraction(args.holdout_fraction)
-    if args.workers < 1 or args.batch_size < 1 or args.grad_accum < 1:
-        raise TrainInputError("--workers, --batch-size and --grad-accum must be >= 1")
+    _check_numbers(args)
     if ("vqa" in tasks) != bool(args.vqa_questions and args.vqa_annotations):
         raise TrainInputError(
             "--task vqa needs --vqa-questions and --vqa-annotations (and they need --task vqa)"

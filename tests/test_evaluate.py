@@ -168,3 +168,14 @@ def test_planted_signal_is_learned_and_the_control_is_at_chance(tmp_path, ray_se
     assert 0.3 < features_only["matching"]["accuracy"] < 0.65, features_only[
         "matching"
     ]  # the signal is in features
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--batch-size", "0"), ("--beam-size", "0"), ("--rerank-top", "-1"), ("--threads", "-2")],
+)
+def test_numbers_out_of_range_are_refused(tmp_path, caplog, capsys, flag, value):
+    store = write_store(tmp_path / "store", random_rows(4, 8), 8, num_shards=1)
+    argv = ["evaluate", str(tmp_path / "run"), str(store), "--task", "retrieval", flag, value]
+    assert main(argv) == EXIT_BAD_INPUT
+    assert f"evaluate: {flag} must be >= " in caplog.text and "Traceback" not in capsys.readouterr().err
