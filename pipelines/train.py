@@ -351,6 +351,7 @@ INT_FLAG_MINIMUMS = {
     "vqa_min_answer_count": 1,
 }
 POSITIVE_FLOATS = ("lr", "epochs", "max_grad_norm")
+UNCOMMITTED_SHOWN = 10  # uncommitted shard ids named in the warning
 NON_NEGATIVE_FLOATS = ("weight_decay", "contrastive_weight")
 
 
@@ -375,6 +376,20 @@ def _check_numbers(args: argparse.Namespace) -> None:
         raise TrainInputError(f"--holdout-fraction: {exc}") from None
 
 
+def _warn_uncommitted(reader: Any, store: str) -> None:
+    """Log one WARNING naming the store's shards without a done marker (ignored, DESIGN §9 commit rule)."""
+    ignored = reader.uncommitted_shards()
+    if ignored:
+        shown = ", ".join(ignored[:UNCOMMITTED_SHOWN]) + (", ..." if len(ignored) > UNCOMMITTED_SHOWN else "")
+        log.warning(
+            "train: ignoring %d uncommitted shard(s) of %s (a part file without a done marker; rerun "
+            "`regionflow extract` on them to commit them): %s",
+            len(ignored),
+            store,
+            shown,
+        )
+
+
 def prepare(args: argparse.Namespace) -> tuple[TrainConfig, Any, dict[str, Any]]:
     """Validate inputs, fix split and vocabulary, write (or check, on ``--resume``) ``run.json``.
 
@@ -393,6 +408,7 @@ def prepare(args: argparse.Namespace) -> tuple[TrainConfig, Any, dict[str, Any]]
     store_path = str(Path(args.store).resolve()) if "://" not in args.store else args.store
     out = Path(args.out).resolve()
     reader = StoreReader(store_path)
+    _warn_uncommitted(reader, store_path)
     images = StoreImages(reader)
     sizes, vocab = _split_sizes(images, tasks, args)
     model_config = build_model_config(

@@ -219,3 +219,18 @@ def test_numbers_out_of_range_are_refused_before_a_run_is_written(
     assert len(errors) == 1 and errors[0].startswith("train: ") and message in errors[0]
     assert "\n" not in errors[0] and "Traceback" not in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_uncommitted_shards_are_ignored_with_one_warning(tmp_path, ray_session, caplog):
+    store = write_store(tmp_path / "store", random_rows(12, D, seed=3), D, num_shards=3)
+    (store / "parts" / "shard-001.done.json").unlink()  # a part written, never committed
+    out = tmp_path / "run"
+    args = ["train", str(store), "--task", "retrieval", "--out", str(out), "--model-config", "tiny"]
+    # the split left for training is empty: refused after the store is opened, before Ray Train starts
+    assert main([*args, "--holdout-fraction", "0.999999"]) == EXIT_BAD_INPUT
+    warnings = [
+        r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "uncommitted" in r.message
+    ]
+    assert len(warnings) == 1
+    assert "ignoring 1 uncommitted shard(s)" in warnings[0] and warnings[0].endswith(": shard-001")
+    assert "8 images" in caplog.text  # the 4 images of shard-001 are not read

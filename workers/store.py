@@ -283,6 +283,18 @@ class StoreReader:
         shards = [n[: -len(MARKER_SUFFIX)] for n in names if n.endswith(MARKER_SUFFIX)]
         return sorted(s for s in shards if self.marker(s).config_digest == self.manifest["config_digest"])
 
+    def uncommitted_shards(self) -> list[str]:
+        """Shard ids with a part file or error table in ``parts/`` but no done marker, sorted.
+
+        Readers ignore them (DESIGN §9: the marker is the commit point); callers report them.
+        """
+        names = set(self.location.list_names(self.location.path(PARTS_DIR)))
+        shards = {n[: -len(ERRORS_SUFFIX)] for n in names if n.endswith(ERRORS_SUFFIX)}
+        shards |= {
+            n[: -len(PART_SUFFIX)] for n in names if n.endswith(PART_SUFFIX) and not n.endswith(ERRORS_SUFFIX)
+        }
+        return sorted(s for s in shards if s + MARKER_SUFFIX not in names)
+
     def marker(self, shard: str) -> DoneMarker:
         marker = read_marker(self.location, shard)
         if marker is None:
