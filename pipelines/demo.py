@@ -8,9 +8,9 @@ Every stage runs as a subprocess of the ``regionflow`` console script, exactly a
 3. ``train``: one Ray Train run, 2 workers on CPU, all tasks at once (pretrain, retrieval, VQA, caption), with
    the ``small`` model preset (~5.6M parameters): a randomly initialised 2-layer BERT text stream of width 128
    that keeps the WordPiece vocabulary of the packaged all-MiniLM-L6-v2 checkpoint, a 1-layer visual stream
-   and two Co-TRM blocks of width 128 (``pipelines.train.SMALL_PRESET``; its random word embeddings stay
-   frozen: 1.7M parameters train). The ``tiny`` preset (width 32) learned next to nothing here and ``base``
-   (80M parameters, pretrained MiniLM) is ~1 s a step on a CPU. Tasks are weighted (``--task-weights``);
+   and two Co-TRM blocks of width 128 (``pipelines.train.SMALL_PRESET``). The ``tiny`` preset (width 32)
+   learned next to nothing here and ``base`` (80M parameters, pretrained MiniLM) is ~1 s a step on a CPU.
+   Tasks are weighted (``--task-weights``);
 4. ``evaluate`` on the held-out images: retrieval (``--rerank-top``), VQA, captioning; then the controls
    ``--shuffle-visual`` and ``--shuffle-features`` (retrieval and VQA);
 5. ``visualize`` of a few held-out images.
@@ -61,7 +61,7 @@ class DemoConfig:
         workers (int, 2): Ray Train workers (DDP ranks on CPU, ``gloo``).
         threads_per_worker (int, 1): torch threads per training worker.
         model_config (str, "small"): ``regionflow train --model-config`` preset.
-        max_steps (int, 5400): optimizer steps, ``task_weights`` of each task per cycle of 12.
+        max_steps (int, 4800): optimizer steps, ``task_weights`` of each task per cycle of 12.
         task_weights (tuple[int, ...], (1, 4, 6, 1)): ``train --task-weights`` for ``tasks``: VQA learns slowest
             (measured, VQA alone: 1000 steps 50%, 3000 steps 85% held-out accuracy) and a caption step costs
             ~4 others (its output layer spans the 30522-token vocabulary).
@@ -87,7 +87,7 @@ class DemoConfig:
     workers: int = 2
     threads_per_worker: int = 1
     model_config: str = "small"
-    max_steps: int = 5400
+    max_steps: int = 4800
     batch_size: int = 32
     lr: float = 5e-4
     warmup_steps: int = 100
