@@ -357,3 +357,25 @@ def test_captions_joined_by_image_id(tmp_path: Path) -> None:
     assert rows[1]["captions"] == []  # id 5 has no captions: empty, not an error
     assert reader.manifest["extraction_config"]["captions"]["max_tokens"] == 8
     assert reader.manifest["tokenizer"]["max_tokens"] == 8
+
+
+def test_overwrite_replaces_the_earlier_import(tmp_path: Path, images: list[dict[str, Any]]) -> None:
+    first, second = tmp_path / "first.tsv", tmp_path / "second.tsv"
+    write_butd_tsv(first, images)
+    write_butd_tsv(second, images[:2])
+    store = tmp_path / "store"
+    base = ["import", "--from", "butd-tsv"]
+    assert cli_main([*base, str(first), "--out", str(store)]) == 0
+    (store / "notes.txt").write_text("kept")
+    assert cli_main([*base, str(second), "--out", str(store)]) != 0  # another source
+    assert cli_main([*base, str(second), "--out", str(store), "--overwrite"]) == 0
+    assert sorted(os.listdir(store / "parts")) == [
+        "second.arrow",
+        "second.done.json",
+        "second.errors.arrow",
+    ]
+    assert (store / "notes.txt").read_text() == "kept"
+    assert cli_main(["inspect", str(store), "--verify"]) == 0
+    reader, table, _ = _only_shard(store)
+    _check_rows_match(table, images[:2])
+    assert reader.manifest["import"]["source"] == str(second) and len(reader.manifest["runs"]) == 1

@@ -45,6 +45,7 @@ import contextlib
 import csv
 import dataclasses
 import hashlib
+import logging
 import os
 import pickle
 import re
@@ -60,6 +61,8 @@ from schemas.reasons import ErrorReason
 from schemas.store import NUM_OBJECT_OUTPUTS, row_schema
 from workers.safe_unpickle import UnsafePickleError, safe_loads
 from workers.store import PartWriter, StoreLocation
+
+logger = logging.getLogger(__name__)
 
 SourceFormat = Literal["butd-tsv", "vilbert-lmdb"]
 SOURCE_FORMATS: tuple[str, ...] = ("butd-tsv", "vilbert-lmdb")
@@ -673,12 +676,13 @@ def import_features(
         FileNotFoundError: ``source`` does not exist.
         ValueError: ``D`` cannot be inferred (no valid record) and ``config.feature_dim`` is None.
         StoreExistsError: ``out`` holds a store with another config digest and ``overwrite`` is False.
+            With ``overwrite``, the earlier store's parts, markers and manifest are deleted first.
         UnsafePickleError: an LMDB value names a disallowed global (the store is left without the shard
             being written; committed shards of this run stay, the manifest has no run entry).
         workers.store.StoreLockedError: another live process writes ``out``.
     """
     from schemas.manifest import new_manifest
-    from workers.store import StoreLock, read_manifest, remove_stray_temporaries, write_manifest
+    from workers.store import StoreLock, clear_store, read_manifest, remove_stray_temporaries, write_manifest
 
     if not os.path.exists(source):
         raise FileNotFoundError(f"{source}: no such feature file or LMDB")
@@ -705,6 +709,10 @@ def import_features(
     if existing is not None and existing["config_digest"] == manifest["config_digest"]:
         manifest["runs"] = list(existing.get("runs", []))
     with StoreLock(location):
+        if overwrite:  # the earlier store's shards would otherwise stay beside the new ones
+            removed = clear_store(location)
+            if removed:
+                logger.warning("--overwrite: deleted %d files of the earlier store in %s", len(removed), out)
         remove_stray_temporaries(location)
         write_manifest(location, manifest)
         summary = write_records(source, location, config, dim, manifest["config_digest"], captions)

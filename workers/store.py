@@ -250,6 +250,26 @@ def write_manifest(location: StoreLocation, manifest: dict[str, Any]) -> None:
     location.write_bytes(location.path(MANIFEST_FILE), canonical_json(manifest))
 
 
+def clear_store(location: StoreLocation) -> list[str]:
+    """Delete every done marker, then every part, error table and temporary file in ``parts/``, then
+    ``manifest.json`` (replacing a whole store, e.g. ``import --overwrite``); other files and the lock stay.
+
+    Markers go first (the commit point), so a crash part-way leaves only uncommitted files. Returns the
+    names deleted (``parts/NAME`` and ``manifest.json``), in deletion order.
+    """
+    names = location.list_names(location.path(PARTS_DIR))
+    markers = [n for n in names if n.endswith(MARKER_SUFFIX)]
+    others = [n for n in names if n.endswith((PART_SUFFIX, ERRORS_SUFFIX, TMP_SUFFIX)) and n not in markers]
+    removed = []
+    for name in markers + others:
+        location.fs.delete_file(location.path(PARTS_DIR, name))
+        removed.append(f"{PARTS_DIR}/{name}")
+    if location.exists(location.path(MANIFEST_FILE)):
+        location.fs.delete_file(location.path(MANIFEST_FILE))
+        removed.append(MANIFEST_FILE)
+    return removed
+
+
 def remove_stray_temporaries(location: StoreLocation) -> list[str]:
     """Delete ``parts/*.tmp`` left by a killed run; returns the names removed."""
     removed = [n for n in location.list_names(location.path(PARTS_DIR)) if n.endswith(TMP_SUFFIX)]
