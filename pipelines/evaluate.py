@@ -461,9 +461,12 @@ def _notes(
         "Evaluation ran in the driver process (no Ray workers): every held-out row is scored exactly once."
     ]
     if digest != run_info["store"]["manifest_digest"]:
-        notes.append(
-            f"WARNING: the store's manifest digest {digest[:12]} differs from the training store's {run_info['store']['manifest_digest'][:12]}."
+        mismatch = (
+            f"the store's manifest digest {digest[:12]} differs from the training store's "
+            f"{run_info['store']['manifest_digest'][:12]}: held-out figures assume the training store's split"
         )
+        log.warning("evaluate: %s", mismatch)  # on the terminal too, not only in report.md
+        notes.append(f"WARNING: {mismatch}.")
     if control != "none":
         what = (
             "whole visual rows (features, boxes, sizes)"

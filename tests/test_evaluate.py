@@ -4,6 +4,7 @@ the shuffled-visual control takes back to chance."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -179,3 +180,17 @@ def test_numbers_out_of_range_are_refused(tmp_path, caplog, capsys, flag, value)
     argv = ["evaluate", str(tmp_path / "run"), str(store), "--task", "retrieval", flag, value]
     assert main(argv) == EXIT_BAD_INPUT
     assert f"evaluate: {flag} must be >= " in caplog.text and "Traceback" not in capsys.readouterr().err
+
+
+def test_another_store_than_the_training_one_is_said_on_the_terminal(trained, tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run, ignore=shutil.ignore_patterns("ray_train"))
+    info = json.loads((run / "run.json").read_text())
+    info["store"]["manifest_digest"] = "0" * 64  # as if trained on another store
+    (run / "run.json").write_text(json.dumps(info))
+    with caplog.at_level(logging.WARNING):
+        assert (
+            main(["evaluate", str(run), str(trained["store"]), "--task", "retrieval", "--threads", "1"]) == 0
+        )
+    assert "differs from the training store's 000000000000" in caplog.text
+    assert "WARNING: the store's manifest digest" in (run / "eval" / "report.md").read_text()
