@@ -1078,17 +1078,14 @@ def read_task_runtime_env(urls: list[str]) -> dict[str, Any] | None:
 
 def missing_local_shards(urls: list[str]) -> list[str]:
     """The local shard paths among ``urls`` (plain paths and ``file://`` URLs) that do not exist, in order; object-store URLs (``s3://``) are not checked here (an unreachable one becomes a failed shard)."""
-    missing = []
-    for url in urls:
-        if url.startswith(LOCAL_FILE_SCHEME):
-            path = url[len(LOCAL_FILE_SCHEME) :]
-        elif "://" in url:
-            continue
-        else:
-            path = url
-        if not os.path.exists(path):
-            missing.append(url)
-    return missing
+    return [url for url in urls if (path := _local_path(url)) is not None and not os.path.exists(path)]
+
+
+def _local_path(url: str) -> str | None:
+    """The absolute file path of a local shard (a plain path or a ``file://`` URL); None for object storage."""
+    if url.startswith(LOCAL_FILE_SCHEME) or "://" not in url:
+        return os.path.abspath(url.removeprefix(LOCAL_FILE_SCHEME))
+    return None
 
 
 def _absolute(url: str) -> str:
@@ -1260,8 +1257,8 @@ def shard_source(url: str) -> ShardSource:
     read then reports the problem."""
     from pyarrow import fs as pafs
 
-    if url.startswith(LOCAL_FILE_SCHEME) or "://" not in url:
-        path = os.path.abspath(url.removeprefix(LOCAL_FILE_SCHEME))
+    path = _local_path(url)
+    if path is not None:
         try:
             return ShardSource(path, os.stat(path).st_size)
         except OSError as exc:

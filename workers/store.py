@@ -375,15 +375,15 @@ class StoreLock:
         me = json.dumps(_process_identity(os.getpid())).encode()
         for _ in range(LOCK_ATTEMPTS):
             fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+            taken = False
             try:
                 taken = self._take(fd, me)
-            except BaseException:
-                os.close(fd)
-                raise
+            finally:
+                if not taken:  # refused (raised), or the file was released and replaced meanwhile
+                    os.close(fd)
             if taken:
                 self._fd, self.held = fd, True
                 return
-            os.close(fd)  # the file was released and replaced meanwhile: try the new one
         raise StoreLockedError(f"{self.location.root}: could not take the store lock {self.path}")
 
     def _take(self, fd: int, me: bytes) -> bool:
