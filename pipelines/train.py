@@ -374,6 +374,10 @@ def _check_numbers(args: argparse.Namespace) -> None:
         check_holdout_fraction(args.holdout_fraction)
     except ValueError as exc:
         raise TrainInputError(f"--holdout-fraction: {exc}") from None
+    if args.hard_negatives and args.contrastive_weight <= 0:
+        raise TrainInputError(
+            "--hard-negatives draws from the contrastive similarity: it needs --contrastive-weight > 0"
+        )
 
 
 def _warn_uncommitted(reader: Any, store: str) -> None:

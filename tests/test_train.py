@@ -208,13 +208,15 @@ def test_local_store_refused_on_a_multi_node_cluster(tiny_inputs, tmp_path, capl
         ("--lr", "nan", "--lr must be a finite number > 0"),
         ("--weight-decay", "-0.1", "--weight-decay must be a finite number >= 0"),
         ("--holdout-fraction", "1.5", "--holdout-fraction: holdout_fraction must be in [0, 1), got 1.5"),
+        ("--contrastive-weight", "0", "--hard-negatives draws from the contrastive similarity"),
     ],
 )
 def test_numbers_out_of_range_are_refused_before_a_run_is_written(
     tiny_inputs, tmp_path, ray_session, caplog, capsys, flag, value, message
 ):
     out = tmp_path / "run"
-    assert main([*_train_args(tiny_inputs, out), f"{flag}={value}"]) == EXIT_BAD_INPUT
+    extra = ["--hard-negatives"] if flag == "--contrastive-weight" else []
+    assert main([*_train_args(tiny_inputs, out), f"{flag}={value}", *extra]) == EXIT_BAD_INPUT
     errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
     assert len(errors) == 1 and errors[0].startswith("train: ") and message in errors[0]
     assert "\n" not in errors[0] and "Traceback" not in capsys.readouterr().err
