@@ -194,11 +194,11 @@ def run_stage(name: str, argv: list[str], paths: DemoPaths, executable: str) -> 
     return StageResult(name, argv, code, seconds, str(log))
 
 
-def box_flags(config: DemoConfig) -> list[str]:
-    """``extract`` flags of the demo's box mode."""
-    if config.boxes == "fixed":
-        return ["--boxes", "fixed", "--num-boxes", str(config.num_boxes)]
-    return ["--boxes", config.boxes]
+def box_flags(boxes: str, num_boxes: int) -> list[str]:
+    """``extract`` flags of the demo's box mode (``num_boxes`` counts with ``fixed`` only)."""
+    if boxes == "fixed":
+        return ["--boxes", "fixed", "--num-boxes", str(num_boxes)]
+    return ["--boxes", boxes]
 
 
 def stage_plan(config: DemoConfig, paths: DemoPaths) -> list[tuple[str, list[str]]]:
@@ -212,7 +212,7 @@ def stage_plan(config: DemoConfig, paths: DemoPaths) -> list[tuple[str, list[str
     return [
         ("synth", ["synth", "--out", str(paths.corpus), "--images", str(config.images),
                    "--samples-per-shard", str(config.samples_per_shard), "--seed", str(config.seed)]),
-        ("extract", ["extract", *shards, "--out", str(paths.store), "--config", "tiny", *box_flags(config)]),
+        ("extract", ["extract", *shards, "--out", str(paths.store), "--config", "tiny", *box_flags(config.boxes, config.num_boxes)]),
         ("train", ["train", str(paths.store), "--task", tasks,
                    "--task-weights", ",".join(str(w) for w in config.task_weights), "--workers", str(config.workers),
                    "--out", str(paths.run), "--max-steps", str(config.max_steps), *vqa,
@@ -336,10 +336,6 @@ def _weighted_tasks(config: dict[str, Any]) -> str:
     return ", ".join(f"{t} ({w})" for t, w in zip(config["tasks"], weights, strict=True)) + " steps per cycle"
 
 
-def _box_fields(config: dict[str, Any]) -> dict[str, Any]:
-    return {name: config[name] for name in ("boxes", "num_boxes") if name in config}
-
-
 def results_markdown(summary: dict[str, Any]) -> str:
     """The results table and context lines as Markdown."""
     results, config = summary["results"], summary["config"]
@@ -348,7 +344,7 @@ def results_markdown(summary: dict[str, Any]) -> str:
     lines += [
         f"Corpus: {config['images']} synthetic images (seed {config['seed']}), "
         f"{summary['heldout_images']} held out by key hash (fraction {config['holdout_fraction']}). "
-        f"Features: `extract --config tiny {' '.join(box_flags(DemoConfig(**_box_fields(config))))}` "
+        f"Features: `extract --config tiny {' '.join(box_flags(config.get('boxes', 'given'), config.get('num_boxes', 0)))}` "
         f"(random-init detector, {'true boxes' if config.get('boxes', 'given') == 'given' else 'its own boxes'}). "
         f"Model: `--model-config {config['model_config']}` (text stream: {TEXT_STREAMS[config['model_config']]}), "
         f"{config['max_steps']} steps of batch {config['batch_size']} per worker, {config['workers']} Ray Train "
