@@ -402,7 +402,10 @@ def results_markdown(summary: dict[str, Any]) -> str:
     lines += [
         "Reports: " + ", ".join(summary["reports"]),
         "",
-        "Pictures: " + ", ".join(summary["pictures"]),
+        "Pictures: "
+        + ", ".join(summary["pictures"])
+        + " (boxes labelled with the random-init detector's class id "
+        "and confidence: without weights they carry no meaning; training progress is in run/losses.jsonl)",
         "",
     ]
     return "\n".join(lines)
