@@ -101,7 +101,7 @@ class StageTimer:
 
 def force_bucket_batches(detector: Any) -> None:
     """Make the detector run each bucket as one batch on the CPU too (what it does on CUDA)."""
-    from workers.detector import _group_by_bucket
+    from workers.detect.detector import _group_by_bucket
 
     detector._batches = lambda prepared: iter(list(_group_by_bucket(prepared)))
 
@@ -136,8 +136,8 @@ def compare(a: list[Any], b: list[Any]) -> dict[str, Any]:
 
 
 def build(config: str, threads: int) -> Any:
-    from workers.detector import RegionDetector
-    from workers.detector_config import BoxSelectionConfig, detector_config
+    from workers.detect.config import BoxSelectionConfig, detector_config
+    from workers.detect.detector import RegionDetector
 
     torch.set_num_threads(threads)
     return RegionDetector(

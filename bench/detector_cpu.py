@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torch.nn import functional as F
 
-from workers import detector as detector_module
-from workers.detector import RegionDetector
-from workers.detector_config import BoxSelectionConfig, detector_config
+from workers.detect import detector as detector_module
+from workers.detect.config import BoxSelectionConfig, detector_config
+from workers.detect.detector import RegionDetector
 
 IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco-train-mini" / "images"
 BOX_MATCH_PX = 0.01

@@ -4,7 +4,7 @@
 
 * ``extract``: the real pipeline (``pipelines.extract.extract``: read tasks, one detector actor, in-order
   writes, markers) over ``--shards`` tar shards built from ``../shared/data/coco-train-mini`` with the
-  project's own shards code (``workers.shards.write_shards``). Timed from the first submitted shard to the
+  project's own shards code (``workers.corpus.shards.write_shards``). Timed from the first submitted shard to the
   last marker (the summary's ``processing_s``); start-up (Ray init, actor and model build) is reported
   separately and not counted.
 * detector alone: the same ``RegionDetector`` class, config and thread count, in this process, fed the same
@@ -46,7 +46,7 @@ GOAL = 0.95
 
 def build_shards(images: int, shards: int, out: Path) -> list[str]:
     """The first ``images`` COCO-mini images (sorted by name) with their captions, as ``shards`` tars."""
-    from workers.shards import ShardsConfig, write_shards
+    from workers.corpus.shards import ShardsConfig, write_shards
 
     names = sorted(p.name for p in (COCO_MINI / "images").iterdir())[:images]
     if len(names) < images:
@@ -73,7 +73,7 @@ def build_shards(images: int, shards: int, out: Path) -> list[str]:
 
 def decoded_images(urls: list[str], config: ExtractConfig) -> list[np.ndarray]:
     """Every good image of the shards, decoded by the project's reader (in memory)."""
-    from workers.reader import DecodedSample, ShardReader
+    from workers.read.reader import DecodedSample, ShardReader
 
     images = []
     for url in urls:
@@ -88,8 +88,8 @@ def detector_alone(images: list[np.ndarray], config: ExtractConfig, threads: int
     import torch
 
     from pipelines.extract import DETECTOR_SEED
-    from workers.detector import RegionDetector
-    from workers.detector_config import detector_config
+    from workers.detect.config import detector_config
+    from workers.detect.detector import RegionDetector
 
     t0 = time.perf_counter()
     torch.set_num_threads(threads)

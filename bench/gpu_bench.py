@@ -8,14 +8,14 @@ webdataset and no network, with the checkout on ``PYTHONPATH`` (nothing installe
 2. bf16 vs fp32 agreement: RPN proposals (share of the fp32 proposals matched by a bf16 proposal at IoU >= 0.5
    / 0.7 / 0.9, mean best IoU) and region features at fixed boxes (the fp32 run's boxes given to both;
    relative error ``||f_bf16 - f_fp32|| / ||f_fp32||`` per image).
-3. An in-process pipeline: JPEG bytes decoded by a thread pool (``workers.decode.decode_image``), the detector on
+3. An in-process pipeline: JPEG bytes decoded by a thread pool (``workers.read.decode.decode_image``), the detector on
    the GPU (bf16, the largest batch), rows built (``workers.rows.build_rows``) and written to an Arrow part
    (``workers.store.PartWriter``) by a writer thread; images/s end to end, and ÷ the detector alone.
 4. FLOPs per image of the trunk and of the RoI head (``torch.utils.flop_counter``), to read the figures against
    the GPU's peak.
 
 Images: COCO-mini (``shared/data/coco-train-mini`` beside or inside the checkout) when present, else synthetic
-scenes (``workers.synth``); resized to 480×640 (one bucket) and, for the pipeline, re-encoded as JPEG (q 90).
+scenes (``workers.corpus.synth``); resized to 480×640 (one bucket) and, for the pipeline, re-encoded as JPEG (q 90).
 Every measurement is capped by iterations and seconds so the whole run stays within ``--budget-s``.
 Results: ``$OUT/gpu_bench.json`` when ``OUT`` is set, else ``bench/results/gpu_bench.json``.
 
@@ -74,11 +74,11 @@ def import_workers() -> dict[str, Any]:
         sys.modules["safetensors"] = types.ModuleType("safetensors")
         sys.modules["safetensors.torch"] = stub
         stubbed = True
-    import workers.detector
-    import workers.reader
+    import workers.detect.detector
+    import workers.read.reader
     import workers.store
 
-    return {"safetensors_stubbed": stubbed, "detector_module": workers.detector.__file__}
+    return {"safetensors_stubbed": stubbed, "detector_module": workers.detect.detector.__file__}
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -125,13 +125,13 @@ def load_images(count: int) -> tuple[list[np.ndarray], str]:
             bgr = cv2.imread(str(paths[i % len(paths)]), cv2.IMREAD_COLOR)
             images.append(np.ascontiguousarray(cv2.resize(bgr, (width, height))[:, :, ::-1]))
         return images, f"COCO-mini ({coco}), {min(count, len(paths))} distinct, resized to {height}x{width}"
-    from workers.synth import SynthConfig, generate_sample
+    from workers.corpus.synth import SynthConfig, generate_sample
 
     config = SynthConfig()
     for i in range(count):
         rgb = generate_sample(0, i, config).image_rgb
         images.append(np.ascontiguousarray(cv2.resize(rgb, (width, height), interpolation=cv2.INTER_LINEAR)))
-    return images, f"synthetic scenes (workers.synth, seed 0), resized to {height}x{width}"
+    return images, f"synthetic scenes (workers.corpus.synth, seed 0), resized to {height}x{width}"
 
 
 def encode(images: list[np.ndarray]) -> list[bytes]:
@@ -141,8 +141,8 @@ def encode(images: list[np.ndarray]) -> list[bytes]:
 
 # ----------------------------------------------------------------------------------------------- detector
 def build_detector(config_name: str, device: torch.device) -> Any:
-    from workers.detector import RegionDetector
-    from workers.detector_config import BoxSelectionConfig, detector_config
+    from workers.detect.config import BoxSelectionConfig, detector_config
+    from workers.detect.detector import RegionDetector
 
     return RegionDetector(
         detector_config(config_name),
@@ -294,11 +294,11 @@ def pipeline(detector: Any, jpegs: list[bytes], batch: int, threads: int, store:
     """Decode (thread pool) → detector → rows → Arrow part (writer thread); images/s end to end."""
     from schemas.manifest import ShardAccounting
     from schemas.store import row_schema
-    from workers.decode import decode_image
-    from workers.reader import DecodedSample
+    from workers.read.decode import decode_image
+    from workers.read.reader import DecodedSample
+    from workers.read.tokenizer import TokenizedCaptions
     from workers.rows import ReadSample, build_rows
     from workers.store import PartWriter, StoreLocation
-    from workers.tokenizer import TokenizedCaptions
 
     location = StoreLocation.parse(str(store))
     writer = PartWriter(location, "gpu-bench", detector.feature_dim, "bench")

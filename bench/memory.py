@@ -3,7 +3,7 @@
     ratio = peak PSS (driver + Ray workers) on the 1× corpus ÷ the same on the 10× corpus    (goal >= 0.9)
 
 The 1× corpus is ``--shards`` tar shards of ``--per-shard`` COCO-mini images (with their captions) made by the
-project's ``workers.shards.write_shards``; the 10× corpus is the same tars copied under ten times as many shard
+project's ``workers.corpus.shards.write_shards``; the 10× corpus is the same tars copied under ten times as many shard
 names (same images, 10× the shards and rows). Each ``regionflow extract --config tiny`` runs in a subprocess
 (its own local Ray instance). While it runs, a sampler thread reads the proportional set size (PSS,
 ``psutil.Process.memory_full_info().pss``: shared pages split between the processes that map them, so the sum
@@ -42,7 +42,7 @@ MIB = 2**20
 
 def build_corpus(tmp: Path, shards: int, per_shard: int) -> list[Path]:
     """``shards`` tars of the first ``shards · per_shard`` COCO-mini images and their captions."""
-    from workers.shards import ShardsConfig, write_shards
+    from workers.corpus.shards import ShardsConfig, write_shards
 
     count = shards * per_shard
     images = tmp / "images"

@@ -55,8 +55,8 @@ def detector_outputs(detector_name: str, count: int, threads: int) -> tuple[list
     """``(name, image, RegionOutput)`` of ``count`` COCO-mini images, and how they were made."""
     import torch
 
-    from workers.detector import RegionDetector
-    from workers.detector_config import BoxSelectionConfig, detector_config
+    from workers.detect.config import BoxSelectionConfig, detector_config
+    from workers.detect.detector import RegionDetector
 
     torch.set_num_threads(threads)
     started = time.perf_counter()
@@ -81,10 +81,10 @@ def build_store(root: Path, sources: list[Any], rows: int, shards: int, feature_
     """Write ``rows`` rows (cycling through ``sources``) into ``shards`` committed parts; returns the keys."""
     from schemas.manifest import ShardAccounting, new_manifest
     from schemas.store import row_schema
-    from workers.reader import DecodedSample
+    from workers.read.reader import DecodedSample
+    from workers.read.tokenizer import CaptionTokenizer
     from workers.rows import ReadSample, build_rows
     from workers.store import PartWriter, StoreLocation, write_manifest
-    from workers.tokenizer import CaptionTokenizer
 
     location = StoreLocation.parse(str(root))
     extraction = {"bench": "store_reads", "feature_dim": feature_dim}

@@ -4,7 +4,7 @@ Every stage runs as a subprocess of the ``regionflow`` console script, exactly a
 
 1. ``synth``: the procedural corpus (DESIGN §8): shards + VQA v2 files;
 2. ``extract --config tiny --boxes given``: region features of the true boxes (random-init detector: no weights
-   can be downloaded, so the corpus is built to be learnable through one, see ``workers/synth.py``);
+   can be downloaded, so the corpus is built to be learnable through one, see ``workers/corpus/synth.py``);
 3. ``train``: one Ray Train run, 2 workers on CPU, all tasks at once (pretrain, retrieval, VQA, caption), with
    the ``small`` model preset (~5.6M parameters): a randomly initialised 2-layer BERT text stream of width 128
    that keeps the WordPiece vocabulary of the packaged all-MiniLM-L6-v2 checkpoint, a 1-layer visual stream
@@ -249,7 +249,7 @@ def corpus_captions(corpus: Path) -> list[tuple[str, str, list[str]]]:
 def caption_duplicates(corpus: Path, holdout_fraction: float) -> dict[str, float]:
     """Duplicate-caption share over the whole corpus and over the held-out images (the retrieval candidates)."""
     from model.data import is_heldout
-    from workers.synth import duplicate_caption_share
+    from workers.corpus.synth import duplicate_caption_share
 
     samples = corpus_captions(corpus)
     held = [c for shard, key, c in samples if is_heldout(shard, key, holdout_fraction)]

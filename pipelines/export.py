@@ -1,6 +1,6 @@
 """``regionflow export``: a regionflow store -> a Parquet directory or a bottom-up-attention TSV.
 
-The work is ``workers.feature_export``; this module parses the command line, refuses to replace existing
+The work is ``workers.interop.feature_export``; this module parses the command line, refuses to replace existing
 output files unless ``--overwrite`` (for ``--parquet DIR``: the files this export would write, i.e. each
 shard's ``<shard>.parquet`` / ``<shard>.errors.parquet`` and ``manifest.json``; other files in DIR are left
 alone), and prints a JSON summary. Exit codes: 0 written; 1 refused (bad flags, no store, existing output).
@@ -16,7 +16,7 @@ from dataclasses import asdict
 from pyarrow import fs as pafs
 
 from schemas.store import StoreSchemaError
-from workers.feature_export import (
+from workers.interop.feature_export import (
     MANIFEST_COPY,
     PARQUET_ERRORS_SUFFIX,
     PARQUET_SUFFIX,

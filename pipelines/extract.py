@@ -87,6 +87,7 @@ from pipelines.inflight import InFlightMeter
 from schemas.manifest import DoneMarker, ShardAccounting, ShardSource, config_digest, new_manifest
 from schemas.reasons import ErrorReason
 from schemas.store import NUM_ATTRIBUTE_OUTPUTS, NUM_OBJECT_OUTPUTS, PARTS_DIR, SCHEMA_VERSION
+from workers.read.tokenizer import MIN_MAX_TOKENS
 from workers.rows import ChunkRows, RegionRowBuilder, ShardChunk, shard_chunks
 from workers.store import (
     PartWriter,
@@ -99,7 +100,6 @@ from workers.store import (
     remove_stray_temporaries,
     write_manifest,
 )
-from workers.tokenizer import MIN_MAX_TOKENS
 
 logger = logging.getLogger(__name__)
 
@@ -222,14 +222,14 @@ class ExtractConfig:
                 raise ValueError(f"--{name} {path}: no such file or directory")
 
     def reader_config(self) -> Any:
-        from workers.reader import ReaderConfig
+        from workers.read.reader import ReaderConfig
 
         return ReaderConfig(
             captions=self.captions, max_pixels=self.max_pixels, require_boxes=self.boxes == "given"
         )
 
     def selection(self) -> Any:
-        from workers.detector_config import BoxSelectionConfig
+        from workers.detect.config import BoxSelectionConfig
 
         if self.boxes == "fixed":
             return BoxSelectionConfig(mode="fixed", num_boxes=self.num_boxes)
@@ -266,8 +266,8 @@ def _max_tokens(text: str) -> int:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``regionflow extract`` (DESIGN §9 *CLI*)."""
-    from workers.detector_config import BOX_MODES, detector_config_names
-    from workers.reader import CAPTION_MODES
+    from workers.detect.config import BOX_MODES, detector_config_names
+    from workers.read.reader import CAPTION_MODES
 
     parser.add_argument("shards", nargs="+", metavar="SHARD_URL", help="tar shards; brace ranges allowed")
     parser.add_argument("--out", required=True, metavar="STORE", help="store directory or s3:// prefix")
@@ -441,8 +441,8 @@ class DetectorActor:
     def __init__(self, spec: DetectorSpec, fault: FaultInjection | None = None) -> None:
         import torch
 
-        from workers.detector import RegionDetector
-        from workers.detector_config import detector_config
+        from workers.detect.config import detector_config
+        from workers.detect.detector import RegionDetector
 
         torch.set_num_threads(spec.threads)
         self.spec, self.fault = spec, fault
@@ -461,7 +461,7 @@ class DetectorActor:
     def describe(self) -> DetectorInfo:
         import torch
 
-        from workers.detector_config import detector_config
+        from workers.detect.config import detector_config
 
         return DetectorInfo(
             config=detector_config(self.spec.config_name).to_dict(),
@@ -492,7 +492,7 @@ def _read_shard(
 @functools.lru_cache(maxsize=4)
 def _tokenizer(checkpoint_dir: str | None, max_tokens: int) -> Any:
     """One ``CaptionTokenizer`` per worker process and setting (built on first use)."""
-    from workers.tokenizer import CaptionTokenizer
+    from workers.read.tokenizer import CaptionTokenizer
 
     return CaptionTokenizer(checkpoint_dir=checkpoint_dir, max_tokens=max_tokens)
 
@@ -500,7 +500,7 @@ def _tokenizer(checkpoint_dir: str | None, max_tokens: int) -> Any:
 def _warm_read_worker(tokenizer_dir: str | None, max_tokens: int) -> int:
     """Import the reader and build the tokenizer in a read worker during start-up (not timed as
     processing); Ray reuses the warmed worker processes for the read tasks."""
-    import workers.reader  # noqa: F401
+    import workers.read.reader  # noqa: F401
 
     _tokenizer(tokenizer_dir, max_tokens)
     return os.getpid()
@@ -767,7 +767,7 @@ class ShardScheduler:
         self.summary.max_batches_per_actor = self.pool.max_load
 
     def _start(self, url: str, attempt: int) -> ShardRun:
-        from workers.reader import shard_id_of
+        from workers.read.reader import shard_id_of
 
         shard = shard_id_of(url)
         stream = self.read_task.remote(
@@ -952,8 +952,8 @@ def extract(
         ShardsNotFound: local shard files that do not exist (checked before anything else starts).
         ValueError: bad shard URLs (duplicate shard ids) or a bad vocabulary folder.
     """
-    from workers.reader import expand_shard_urls
-    from workers.tokenizer import CaptionTokenizer
+    from workers.read.reader import expand_shard_urls
+    from workers.read.tokenizer import CaptionTokenizer
 
     started_utc = _utc_now()
     urls = [_absolute(url) for url in expand_shard_urls(list(shard_urls))]
@@ -1195,7 +1195,7 @@ class CommittedShards:
 
     def is_done(self, url: str, digest: str) -> bool:
         """A marker of ``digest`` from this same input exists (trusted: no re-hash, §9)."""
-        from workers.reader import shard_id_of
+        from workers.read.reader import shard_id_of
 
         shard = shard_id_of(url)
         marker = self.markers.get(shard)
@@ -1217,7 +1217,7 @@ def _committed_sources(location: StoreLocation, urls: list[str], *, overwrite: b
         ExtractRefused: some committed shard came from another path or another byte size than this run's
             input (a rebuilt tar of the same name, a same-named shard elsewhere), and not ``overwrite``.
     """
-    from workers.reader import shard_id_of
+    from workers.read.reader import shard_id_of
 
     markers: dict[str, DoneMarker] = {}
     changed: dict[str, list[str]] = {}
@@ -1303,7 +1303,7 @@ def _finish_manifest(
     started_utc: str,
 ) -> None:
     """Record failed shards and append this run to ``runs`` (excluded from comparisons)."""
-    from workers.reader import shard_id_of
+    from workers.read.reader import shard_id_of
 
     run_shards = {shard_id_of(url) for url in urls}
     earlier = [f for f in manifest["failed_shards"] if f["shard"] not in run_shards]

@@ -1,6 +1,6 @@
 """``regionflow import``: a bottom-up-attention TSV or a ViLBERT feature LMDB -> a regionflow store.
 
-The work is ``workers.feature_import.import_features`` (no Ray needed); this module parses the command
+The work is ``workers.interop.feature_import.import_features`` (no Ray needed); this module parses the command
 line, prints a JSON summary on stdout, and maps user errors to exit code 1.
 """
 
@@ -14,16 +14,16 @@ import re
 from dataclasses import asdict
 
 from schemas.store import StoreSchemaError
-from workers.feature_import import (
+from workers.interop.feature_import import (
     SOURCE_FORMATS,
     CaptionJoin,
     ImportConfig,
     StoreExistsError,
     import_features,
 )
-from workers.safe_unpickle import UnsafePickleError
+from workers.interop.safe_unpickle import UnsafePickleError
+from workers.read.tokenizer import DEFAULT_MAX_TOKENS, CaptionTokenizer
 from workers.store import StoreLockedError
-from workers.tokenizer import DEFAULT_MAX_TOKENS, CaptionTokenizer
 
 log = logging.getLogger(__name__)
 EXIT_OK, EXIT_USER_ERROR = 0, 1

@@ -9,7 +9,7 @@ import argparse
 import json
 import sys
 
-from workers.shards import ShardsConfig, ShardsInputError, write_shards
+from workers.corpus.shards import ShardsConfig, ShardsInputError, write_shards
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

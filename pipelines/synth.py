@@ -22,7 +22,7 @@ import re
 import sys
 from pathlib import Path
 
-from workers.synth import (
+from workers.corpus.synth import (
     ANNOTATIONS_FILE,
     QUESTIONS_FILE,
     SHARD_PREFIX,

@@ -26,9 +26,9 @@ import numpy as np
 import pyarrow.compute as pc
 
 from schemas.store import StoreSchemaError
-from workers.decode import decode_image
-from workers.drawing import DrawingConfig, RegionLabel, class_name, draw_regions
-from workers.reader import (
+from workers.corpus.drawing import DrawingConfig, RegionLabel, class_name, draw_regions
+from workers.read.decode import decode_image
+from workers.read.reader import (
     IMAGE_EXTENSIONS,
     ReaderConfig,
     ShardReadError,
@@ -37,7 +37,7 @@ from workers.reader import (
     shard_id_of,
     split_member_name,
 )
-from workers.rejection import SampleRejected
+from workers.read.rejection import SampleRejected
 from workers.store import StoreReader
 
 log = logging.getLogger(__name__)

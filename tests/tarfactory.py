@@ -2,7 +2,7 @@
 
 Images are smooth random gradients (so JPEG data has real entropy-coded content), seeded, a few hundred
 bytes to a few KiB. ``write_raw_tar`` writes anything a tar can hold — duplicate names, directories,
-absolute or ``..`` names — which ``workers.tar_writer.write_tar`` rightly refuses.
+absolute or ``..`` names — which ``workers.corpus.tar_writer.write_tar`` rightly refuses.
 """
 
 from __future__ import annotations
@@ -123,9 +123,9 @@ def simple_sample(key: str, seed: int = 0, caption: str = "a test caption", size
 
 
 def read_all(path: str | Path, config=None):
-    """Read a whole shard with ``workers.reader.ShardReader`` -> ``(samples, errors, counts)``, asserting
+    """Read a whole shard with ``workers.read.reader.ShardReader`` -> ``(samples, errors, counts)``, asserting
     the accounting identity: members == used + in error rows + ignored (DESIGN §9)."""
-    from workers.reader import DecodedSample, ReaderConfig, SampleError, ShardReader
+    from workers.read.reader import DecodedSample, ReaderConfig, SampleError, ShardReader
 
     reader = ShardReader(str(path), config or ReaderConfig())
     items = list(reader)

@@ -14,8 +14,8 @@ import pytest
 import torch
 import torchvision
 
-from workers.box_selection import choose_by_max_conf, select_boxes, select_boxes_batch
-from workers.detector_config import BoxSelectionConfig
+from workers.detect.config import BoxSelectionConfig
+from workers.detect.selection import choose_by_max_conf, select_boxes, select_boxes_batch
 
 NUM_CLASSES = 4  # background + 3 foreground classes in the small planted tests
 

@@ -15,17 +15,17 @@ import numpy as np
 import pytest
 import torch
 
-from workers.butd_checkpoint import (
+from workers.detect.butd_checkpoint import (
     ANCHORS_KEY,
     KEY_MAP,
     ButdCheckpointError,
     map_butd_state,
     rule_for,
 )
-from workers.detector import RegionDetector, RegionDetectorModel
-from workers.detector_config import BoxSelectionConfig, detector_config
-from workers.safe_unpickle import UnsafePickleError
-from workers.weights import load_weights, supported_suffixes
+from workers.detect.config import BoxSelectionConfig, detector_config
+from workers.detect.detector import RegionDetector, RegionDetectorModel
+from workers.detect.weights import load_weights, supported_suffixes
+from workers.interop.safe_unpickle import UnsafePickleError
 
 KEYS_FILE = Path(__file__).parents[2] / "shared" / "data" / "butd-checkpoint-keys" / "bua-caffe-r101-attr.txt"
 NUM_KEYS = 616  # the data README: 616 tensors

@@ -17,8 +17,8 @@ from tarfactory import make_jpeg, simple_sample
 
 from pipelines import cli, extract
 from pipelines.extract import ExtractSummary, missing_local_shards
+from workers.corpus.tar_writer import write_tar
 from workers.store import write_test_store
-from workers.tar_writer import write_tar
 
 FEATURE_DIM = 4
 WIDTH, HEIGHT = 40, 30

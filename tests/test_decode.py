@@ -1,4 +1,4 @@
-"""Image header check and OpenCV decode to 8-bit RGB (workers/decode.py), on tiny images made here."""
+"""Image header check and OpenCV decode to 8-bit RGB (workers/read/decode.py), on tiny images made here."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from PIL import Image, ImageOps
 from tarfactory import encode, make_jpeg, make_png, make_png_header_only, make_rgb
 
 from schemas.reasons import ErrorReason
-from workers.decode import (
+from workers.read.decode import (
     apply_orientation,
     check_jpeg_structure,
     decode_image,
     read_header,
 )
-from workers.rejection import SampleRejected
+from workers.read.rejection import SampleRejected
 
 LIMIT = 50_000_000
 

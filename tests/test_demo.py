@@ -20,7 +20,7 @@ from pipelines.demo import (
     stage_plan,
     target_lines,
 )
-from workers.synth import write_corpus
+from workers.corpus.synth import write_corpus
 
 
 def test_every_planned_command_parses_with_the_real_cli(tmp_path: Path) -> None:

@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import save_file
 from torch.nn import functional as F
 
-from workers.detector import (
+from workers.detect.config import BoxSelectionConfig, DetectorConfig, detector_config
+from workers.detect.detector import (
     ConvNorm,
     RegionDetector,
     RegionDetectorModel,
@@ -27,8 +28,7 @@ from workers.detector import (
     resized_size,
     valid_feature_size,
 )
-from workers.detector_config import BoxSelectionConfig, DetectorConfig, detector_config
-from workers.weights import load_weights, save_weights, weights_digest
+from workers.detect.weights import load_weights, save_weights, weights_digest
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
 COCO_IMAGES = DATA / "coco-train-mini" / "images"

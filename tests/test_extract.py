@@ -19,8 +19,8 @@ from pipelines import cli
 from pipelines.extract import ExtractConfig, FaultInjection, extract
 from schemas.manifest import comparable_manifest
 from schemas.store import MANIFEST_FILE, PARTS_DIR, validate_rows
+from workers.corpus.tar_writer import write_tar
 from workers.store import StoreLocation, StoreLock, StoreReader
-from workers.tar_writer import write_tar
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
 COCO_MINI = DATA / "coco-train-mini"
@@ -317,7 +317,7 @@ class PlantedDetector:
 
 
 def planted_output(features: np.ndarray, boxes: list[list[float]] | None = None) -> object:
-    from workers.detector import RegionOutput
+    from workers.detect.detector import RegionOutput
 
     n = features.shape[0]
     boxes_array = np.asarray(boxes or [[0, 0, 4, 4]] * n, dtype=np.float32)
@@ -326,9 +326,9 @@ def planted_output(features: np.ndarray, boxes: list[list[float]] | None = None)
 
 
 def read_sample(key: str, width: int) -> object:
-    from workers.reader import DecodedSample
+    from workers.read.reader import DecodedSample
+    from workers.read.tokenizer import TokenizedCaptions
     from workers.rows import ReadSample
-    from workers.tokenizer import TokenizedCaptions
 
     image = np.zeros((8, width, 3), np.uint8)
     sample = DecodedSample(key, "s", None, image, width, 8, ("a cap",), None, (f"{key}.jpg", f"{key}.txt"))
@@ -346,7 +346,7 @@ def read_sample(key: str, width: int) -> object:
     ],
 )
 def test_unstorable_detector_output_becomes_an_error_row(output: object, detail: str) -> None:
-    from workers.reader import MemberCounts
+    from workers.read.reader import MemberCounts
     from workers.rows import RegionRowBuilder, ShardChunk
 
     good = planted_output(

@@ -21,8 +21,8 @@ from tarfactory import simple_sample
 from pipelines import cli
 from schemas.manifest import DoneMarker, ShardAccounting, ShardSource
 from schemas.store import MANIFEST_FILE, PARTS_DIR
+from workers.corpus.tar_writer import write_tar
 from workers.store import StoreReader
-from workers.tar_writer import write_tar
 
 SHARDS = ("src-000", "src-001")
 EXTRACT_FLAGS = ["--config", "tiny", "--num-boxes", "6", "--detector-threads", "1", "--batch-size", "2"]

@@ -50,7 +50,7 @@ from pipelines.extract import (
 )
 from pipelines.inflight import InFlightMeter
 from schemas.store import LOCK_FILE, MANIFEST_FILE, MARKER_SUFFIX, PARTS_DIR, TMP_SUFFIX
-from workers.tar_writer import write_tar
+from workers.corpus.tar_writer import write_tar
 
 REPO = Path(__file__).resolve().parents[1]
 SHARD_IDS = ("ft-000", "ft-001", "ft-002")

@@ -31,8 +31,8 @@ from tarfactory import (
 )
 
 from schemas.reasons import ErrorReason, IgnoredReason
-from workers.reader import ReaderConfig
-from workers.tokenizer import CaptionTokenizer
+from workers.read.reader import ReaderConfig
+from workers.read.tokenizer import CaptionTokenizer
 
 
 def one_sample_tar(tmp_path: Path, image_name: str, image: bytes, caption: bytes = b"a caption") -> Path:
@@ -71,7 +71,7 @@ def test_corrupt_jpeg_mid_stream_is_undecodable(tmp_path):
 
 
 def test_zeroed_block_inside_jpeg_scan_is_a_known_limit(tmp_path):
-    """Documented limit (workers/decode.py): damage that keeps a valid marker structure (here 32 zero
+    """Documented limit (workers/read/decode.py): damage that keeps a valid marker structure (here 32 zero
     bytes inside entropy-coded data) cannot be detected without a checksum; the image decodes."""
     data = bytearray(make_jpeg(64, 64, seed=3))
     middle = len(data) // 2

@@ -23,9 +23,9 @@ import pytest
 
 from pipelines.cli import main as cli_main
 from schemas.store import NUM_OBJECT_OUTPUTS, validate_rows
-from workers.feature_export import export_parquet
-from workers.feature_import import ImportConfig, StoreExistsError, import_features
-from workers.safe_unpickle import UnsafePickleError, safe_loads
+from workers.interop.feature_export import export_parquet
+from workers.interop.feature_import import ImportConfig, StoreExistsError, import_features
+from workers.interop.safe_unpickle import UnsafePickleError, safe_loads
 from workers.store import StoreReader, write_test_store
 
 D = 16

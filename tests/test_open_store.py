@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from workers.feature_export import export_parquet
+from workers.interop.feature_export import export_parquet
 from workers.store import write_test_store
 
 D = 8

@@ -10,7 +10,7 @@ import pytest
 from tarfactory import caption_json, make_jpeg, make_png, read_all, simple_sample, write_raw_tar
 
 from schemas.reasons import ErrorReason, IgnoredReason
-from workers.reader import (
+from workers.read.reader import (
     ReaderConfig,
     ShardReader,
     ShardReadError,
@@ -222,7 +222,7 @@ def test_workers_import_without_webdataset():
 
     code = (
         "import sys; sys.modules['webdataset'] = None; sys.modules['ray'] = None\n"
-        "import workers.reader, workers.decode, workers.captions, workers.tokenizer\n"
+        "import workers.read.reader, workers.read.decode, workers.read.captions, workers.read.tokenizer\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
 

@@ -20,9 +20,9 @@ from tarfactory import make_jpeg, simple_sample
 
 from pipelines import cli
 from schemas.store import LOCK_FILE, MANIFEST_FILE
-from workers.reader import expand_shard_urls
+from workers.corpus.tar_writer import write_tar
+from workers.read.reader import expand_shard_urls
 from workers.store import StoreReader
-from workers.tar_writer import write_tar
 
 SHARDS = ("shard-000", "shard-001")
 STORE = "store"

@@ -12,7 +12,7 @@ from PIL import Image
 from tarfactory import make_jpeg, make_png
 
 from pipelines.cli import main as cli_main
-from workers.reader import DecodedSample, ReaderConfig, ShardReader
+from workers.read.reader import DecodedSample, ReaderConfig, ShardReader
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
 COCO = DATA / "coco-train-mini"

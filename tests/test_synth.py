@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from pipelines.cli import main as cli_main
-from workers.synth import (
+from workers.corpus.synth import (
     COLOURS,
     SHAPE_ASPECTS,
     SHAPES,

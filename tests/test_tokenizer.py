@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers.tokenizer import CaptionTokenizer, packaged_checkpoint_dir
+from workers.read.tokenizer import CaptionTokenizer, packaged_checkpoint_dir
 
 CLS, SEP = 101, 102  # uncased BERT vocabulary ids of [CLS] and [SEP]
 

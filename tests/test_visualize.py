@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from pipelines.cli import main as cli_main
-from workers.drawing import DrawingConfig, RegionLabel, class_colour, class_name, draw_regions
+from workers.corpus.drawing import DrawingConfig, RegionLabel, class_colour, class_name, draw_regions
+from workers.corpus.tar_writer import write_tar
 from workers.store import StoreLocation, read_manifest, write_manifest, write_test_store
-from workers.tar_writer import write_tar
 
 FEATURE_DIM = 4
 WIDTH, HEIGHT = 100, 80

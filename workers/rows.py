@@ -2,7 +2,7 @@
 
 Two stages, each a plain function or class that ``pipelines/extract.py`` wraps with ``ray.remote``:
 
-1. ``shard_chunks`` (CPU): reads one shard in source order with ``workers.reader.ShardReader``, tokenizes
+1. ``shard_chunks`` (CPU): reads one shard in source order with ``workers.read.reader.ShardReader``, tokenizes
    every decoded sample's captions, and yields ``ShardChunk`` objects of at most ``batch_size`` decoded
    images each (error samples ride along in their source position). The last chunk carries the shard's
    member counts. Memory per shard is bounded by one chunk, however large the shard.
@@ -30,9 +30,9 @@ from schemas.reasons import ErrorReason
 from schemas.store import NUM_OBJECT_OUTPUTS, row_schema
 
 if TYPE_CHECKING:
-    from workers.detector import RegionDetector, RegionOutput
-    from workers.reader import DecodedSample, MemberCounts, ReaderConfig, SampleError
-    from workers.tokenizer import CaptionTokenizer, TokenizedCaptions
+    from workers.detect.detector import RegionDetector, RegionOutput
+    from workers.read.reader import DecodedSample, MemberCounts, ReaderConfig, SampleError
+    from workers.read.tokenizer import CaptionTokenizer, TokenizedCaptions
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504: larger magnitudes become inf in the store
 MAX_ERRORS_PER_CHUNK = 1024  # a chunk also closes after this many error samples (bounded memory)
@@ -116,7 +116,7 @@ def shard_chunks(
         ShardReadError: the shard cannot be read (propagated from the reader, URL in the message).
         ValueError: ``batch_size < 1``.
     """
-    from workers.reader import SampleError, ShardReader, shard_id_of
+    from workers.read.reader import SampleError, ShardReader, shard_id_of
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

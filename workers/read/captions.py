@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from schemas.reasons import ErrorReason
-from workers.rejection import SampleRejected
+from workers.read.rejection import SampleRejected
 
 BOX_FORMATS = ("xyxy", "xywh")
 BOX_TOLERANCE_PX = 1.0  # coordinates up to this far outside the image are clipped onto its border

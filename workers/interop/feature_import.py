@@ -19,15 +19,15 @@ Two source formats:
     ``image_id``, ``image_h``, ``image_w``, ``num_boxes``, ``boxes``, ``features`` and optionally
     ``cls_prob``; the arrays are base64 float32 (as in the TSV) or numpy arrays. The extra key ``keys``
     (the pickled list of ids) is the index, not an image, and is not counted. Values are unpickled with
-    ``workers.safe_unpickle`` (builtins and numpy arrays only); a value naming any other global aborts
+    ``workers.interop.safe_unpickle`` (builtins and numpy arrays only); a value naming any other global aborts
     the import with ``UnsafePickleError``.
 
 Rows: ``box_source="given"``; features cast to float16 (a value outside float16's range makes the record
 an error row, never ``inf``); ``object_ids`` / ``object_conf`` = argmax / max over the foreground columns
-1..C-1 of ``cls_prob`` (ids index the detector's C outputs, 0 = background, as ``workers.box_selection``),
+1..C-1 of ``cls_prob`` (ids index the detector's C outputs, 0 = background, as ``workers.detect.selection``),
 or, without ``cls_prob``, zeros with confidence 0 ("unknown class"); ``cls_prob`` is stored (float16)
 only with ``keep_cls_prob`` and C = 1601; no attributes; no captions unless a COCO captions file is joined
-by ``image_id`` (``CaptionJoin``, tokenized with ``workers.tokenizer.CaptionTokenizer``). ``image_id`` is
+by ``image_id`` (``CaptionJoin``, tokenized with ``workers.read.tokenizer.CaptionTokenizer``). ``image_id`` is
 the source id when it is an integer, else null; the store key is the source id as text.
 
 Bad records become error rows, never silently fixed: boxes outside the image, empty (``x1 >= x2``) or
@@ -59,7 +59,7 @@ import pyarrow as pa
 from schemas.manifest import ShardAccounting
 from schemas.reasons import ErrorReason
 from schemas.store import NUM_OBJECT_OUTPUTS, row_schema
-from workers.safe_unpickle import UnsafePickleError, safe_loads
+from workers.interop.safe_unpickle import UnsafePickleError, safe_loads
 from workers.store import PartWriter, StoreLocation
 
 logger = logging.getLogger(__name__)
@@ -472,7 +472,7 @@ class CaptionJoin:
     Args:
         coco_json: a COCO captions file (``annotations`` with ``image_id`` and ``caption``); an image's
             captions are kept in annotation-id order, stripped, empty ones dropped.
-        tokenizer: a ``workers.tokenizer.CaptionTokenizer``.
+        tokenizer: a ``workers.read.tokenizer.CaptionTokenizer``.
 
     Attributes:
         sha256: of the file's bytes (goes into the config digest with the tokenizer's digest).
@@ -484,7 +484,7 @@ class CaptionJoin:
     def __init__(self, coco_json: str, tokenizer: Any) -> None:
         import json
 
-        from workers.captions import clean_captions
+        from workers.read.captions import clean_captions
 
         with open(coco_json, "rb") as f:
             data = f.read()

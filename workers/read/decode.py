@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from schemas.reasons import ErrorReason
-from workers.rejection import SampleRejected
+from workers.read.rejection import SampleRejected
 
 log = logging.getLogger(__name__)
 

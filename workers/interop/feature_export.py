@@ -8,7 +8,7 @@ them to float32 (exact, twice the size) for readers without FLOAT16 support (old
 Parquet has no fixed-size lists: other readers see ``boxes_xyxy_px`` and ``features`` as lists of lists
 (DuckDB: ``FLOAT[][]``); pyarrow restores the fixed sizes from the Arrow schema stored in the file.
 
-TSV (``export_tsv``): the layout ``workers.feature_import`` reads (peteanderson80/bottom-up-attention
+TSV (``export_tsv``): the layout ``workers.interop.feature_import`` reads (peteanderson80/bottom-up-attention
 ``tools/generate_tsv.py``): ``image_id, image_w, image_h, num_boxes, boxes, features[, cls_prob]``, tab
 separated, base64 of float32 arrays (float16 features widened exactly to float32, so re-importing gives
 the same float16 bits). The ``image_id`` field is the row's ``image_id`` when it has one, else its key.

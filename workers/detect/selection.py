@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torchvision.ops import box_iou
 
-from workers.detector_config import BoxSelectionConfig
+from workers.detect.config import BoxSelectionConfig
 
 _WORD_BITS = 64  # suppressed-proposal sets are packed into int64 words
 

@@ -7,13 +7,13 @@ key and shape of the attribute model: ``shared/data/butd-checkpoint-keys/bua-caf
 * ``.pth`` / ``.pt``: a dict whose ``model`` entry is the state dict of torch tensors, read with
   ``torch.load(weights_only=True)`` (no code runs);
 * ``.pkl``: a detectron2 pickle whose ``model`` entry maps the same names to numpy arrays, read through
-  ``workers.safe_unpickle`` (builtin containers and numpy arrays only; anything else is refused before it
+  ``workers.interop.safe_unpickle`` (builtin containers and numpy arrays only; anything else is refused before it
   runs).
 
 A file holding the state dict itself (no ``model`` entry) is accepted too.
 
 ``KEY_MAP`` is the documented table from their names to ours, first matching rule wins. regionflow's
-detector (``workers/detector.py``) names its modules as the checkpoint does, so most rules copy a tensor
+detector (``workers/detect/detector.py``) names its modules as the checkpoint does, so most rules copy a tensor
 to the same name; what is not a plain copy:
 
 ============================================  ==================================================================
@@ -39,7 +39,7 @@ their name                                    handling
 ============================================  ==================================================================
 
 Missing keys, keys no rule maps (passed through under their own names) and shape mismatches are reported
-together by ``workers.weights.load_weights``, which dispatches ``.pth`` / ``.pt`` / ``.pkl`` here.
+together by ``workers.detect.weights.load_weights``, which dispatches ``.pth`` / ``.pt`` / ``.pkl`` here.
 """
 
 from __future__ import annotations
@@ -136,14 +136,14 @@ def load_butd_checkpoint(path: Path) -> dict[str, torch.Tensor]:
 
     Raises:
         ButdCheckpointError: another suffix, no state dict inside, a non-array value, bad anchors.
-        workers.safe_unpickle.UnsafePickleError: the ``.pkl`` names a global that could run code.
+        workers.interop.safe_unpickle.UnsafePickleError: the ``.pkl`` names a global that could run code.
     """
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in BUTD_SUFFIXES:
         raise ButdCheckpointError(f"{path}: not a bottom-up-attention checkpoint suffix {BUTD_SUFFIXES}")
     if suffix == ".pkl":
-        from workers.safe_unpickle import safe_load
+        from workers.interop.safe_unpickle import safe_load
 
         with path.open("rb") as handle:
             loaded = safe_load(handle, where=str(path))
@@ -172,8 +172,8 @@ def _state_dict_of(loaded: Any, path: Path) -> dict[str, torch.Tensor]:
 
 def _reference_anchors() -> torch.Tensor:
     """Our cell anchors ``[A, 4]`` of ``butd-r101-c4`` (Caffe ``generate_anchors`` order)."""
-    from workers.detector import caffe_cell_anchors
-    from workers.detector_config import detector_config
+    from workers.detect.config import detector_config
+    from workers.detect.detector import caffe_cell_anchors
 
     config = detector_config(BUTD_CONFIG_NAME)
     cells = caffe_cell_anchors(config.feature_stride_px, config.anchor_ratios, config.anchor_scales)

@@ -1,7 +1,7 @@
 """Detector weights on disk: regionflow's own ``.safetensors`` state dicts, and their digest.
 
 The format is chosen by file suffix through ``_LOADERS``; the public bottom-up-attention checkpoints
-(``.pth`` / ``.pt`` / ``.pkl``, detectron2 naming) go through the key map of ``workers.butd_checkpoint``
+(``.pth`` / ``.pt`` / ``.pkl``, detectron2 naming) go through the key map of ``workers.detect.butd_checkpoint``
 (torch tensors with ``weights_only=True``, pickles through the restricted unpickler).
 """
 
@@ -25,14 +25,18 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_butd(path: Path) -> dict[str, torch.Tensor]:
-    from workers.butd_checkpoint import load_butd_checkpoint  # imports workers.detector: lazy (no cycle)
+    from workers.detect.butd_checkpoint import (
+        load_butd_checkpoint,  # imports workers.detect.detector: lazy (no cycle)
+    )
 
     return load_butd_checkpoint(path)
 
 
 _LOADERS: dict[str, Callable[[Path], dict[str, torch.Tensor]]] = {
     ".safetensors": _load_safetensors,
-    **dict.fromkeys((".pth", ".pt", ".pkl"), _load_butd),  # bottom-up-attention, workers/butd_checkpoint.py
+    **dict.fromkeys(
+        (".pth", ".pt", ".pkl"), _load_butd
+    ),  # bottom-up-attention, workers/detect/butd_checkpoint.py
 }
 
 

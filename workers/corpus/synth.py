@@ -38,7 +38,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from workers.tar_writer import write_tar
+from workers.corpus.tar_writer import write_tar
 
 # --- scene vocabulary -------------------------------------------------------------------------------------
 COLOURS: dict[str, tuple[int, int, int]] = {  # name -> RGB; far from the mid-grey backgrounds and each other

@@ -9,7 +9,7 @@ Each image file becomes one sample, key = its file stem:
   null when the header is unreadable (the sample is still written: ``extract`` reports it as an error row).
 
 Samples are sorted by key (plain string order) and cut into shards of ``samples_per_shard``, named
-``PREFIX-000000.tar``; tar headers are fixed (``workers.tar_writer``), so the output is byte-for-byte
+``PREFIX-000000.tar``; tar headers are fixed (``workers.corpus.tar_writer``), so the output is byte-for-byte
 deterministic. All inputs are checked before anything is written.
 """
 
@@ -22,11 +22,11 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from workers.captions import image_id_from_key
-from workers.decode import read_header
-from workers.reader import IMAGE_EXTENSIONS
-from workers.rejection import SampleRejected
-from workers.tar_writer import write_tar
+from workers.corpus.tar_writer import write_tar
+from workers.read.captions import image_id_from_key
+from workers.read.decode import read_header
+from workers.read.reader import IMAGE_EXTENSIONS
+from workers.read.rejection import SampleRejected
 
 log = logging.getLogger(__name__)
 

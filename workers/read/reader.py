@@ -48,14 +48,14 @@ from typing import BinaryIO
 import numpy as np
 
 from schemas.reasons import ErrorReason, IgnoredReason
-from workers.captions import (
+from workers.read.captions import (
     image_id_from_key,
     parse_json_metadata,
     parse_text_caption,
     validate_boxes,
 )
-from workers.decode import decode_image
-from workers.rejection import SampleRejected
+from workers.read.decode import decode_image
+from workers.read.rejection import SampleRejected
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp"})
 TEXT_EXTENSION = "txt"
@@ -183,7 +183,7 @@ def open_shard_stream(url: str) -> BinaryIO:
     Raises:
         ShardReadError: the shard cannot be opened (message contains the URL).
     """
-    from pyarrow import fs as pafs  # keeps `import workers.reader` light
+    from pyarrow import fs as pafs  # keeps `import workers.read.reader` light
 
     uri = url if "://" in url else os.path.abspath(url)
     try:

@@ -222,7 +222,7 @@ class BoxSelectionConfig:
     For each foreground class c, greedy NMS at ``nms_iou`` over the proposals scored by class c; a proposal's
     ``max_conf`` is its highest class score among the classes in which it survived (0 if none). ``adaptive``
     keeps proposals with ``max_conf >= conf_threshold`` (in proposal order), at least ``min_boxes`` and at most
-    ``max_boxes`` (when clamped: the top ones by ``max_conf``, descending; ``workers.box_selection``);
+    ``max_boxes`` (when clamped: the top ones by ``max_conf``, descending; ``workers.detect.selection``);
     ``fixed`` applies the same rule with min = max = ``num_boxes``;
     ``given`` pools features for boxes supplied with each image and selects nothing.
 

@@ -39,9 +39,9 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import FrozenBatchNorm2d, nms, roi_pool
 
-from workers.box_selection import best_foreground, select_boxes, select_boxes_batch
-from workers.detector_config import BoxSelectionConfig, DetectorConfig
-from workers.weights import load_weights, weights_digest
+from workers.detect.config import BoxSelectionConfig, DetectorConfig
+from workers.detect.selection import best_foreground, select_boxes, select_boxes_batch
+from workers.detect.weights import load_weights, weights_digest
 
 logger = logging.getLogger(__name__)
 
