@@ -1,4 +1,5 @@
-"""ModelConfig: the one frozen config of the two-stream co-attention model (ViLBERT, Lu et al. 2019).
+"""ModelConfig: the one frozen config of the two-stream co-attention model (ViLBERT, Lu et al. 2019), and every
+named preset of it (`PRESETS`, `preset_config`: ``train --model-config``).
 
 Saved as a plain dict in every checkpoint (`to_dict`) and rebuilt with validation (`from_dict`).
 """
@@ -206,3 +207,73 @@ class ModelConfig:
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(f"ModelConfig: {message}")
+
+
+# ``small``: ``ModelConfig.tiny`` widened to 128 (4 heads) with full-length captions (~5.6M parameters, random-init
+# text: trains on CPU in minutes; the demo's preset).
+SMALL_OVERRIDES: dict[str, Any] = {
+    "text_hidden": 128,
+    "text_heads": 4,
+    "text_intermediate": 256,
+    "visual_hidden": 128,
+    "visual_heads": 4,
+    "visual_intermediate": 256,
+    "co_hidden": 128,
+    "co_heads": 4,
+    "caption_decoder_heads": 4,
+    "max_caption_tokens": 36,
+}
+
+
+def _tiny_preset(feature_dim: int) -> ModelConfig:
+    return ModelConfig.tiny(feature_dim=feature_dim)
+
+
+def _small_preset(feature_dim: int) -> ModelConfig:
+    return ModelConfig.tiny(feature_dim=feature_dim, **SMALL_OVERRIDES)
+
+
+def _base_preset(feature_dim: int) -> ModelConfig:
+    return ModelConfig(feature_dim=feature_dim)
+
+
+# name -> (builder of the preset for a store's feature size D, one-line description for ``--help``)
+PRESETS: dict[str, tuple[typing.Callable[[int], ModelConfig], str]] = {
+    "tiny": (_tiny_preset, "tests: random 2-layer text of width 32"),
+    "small": (_small_preset, "the CPU demo: random-init text of width 128, ~5.6M parameters"),
+    "base": (_base_preset, "pretrained MiniLM text (the packaged checkpoint), ~80M parameters"),
+}
+
+
+def preset_config(
+    preset: str,
+    feature_dim: int,
+    num_answers: int = 0,
+    text_layers: int = 0,
+    contrastive_weight: float = 0.0,
+    hard_negatives: bool = False,
+) -> ModelConfig:
+    """The `ModelConfig` of a named preset (`PRESETS`) for a store's feature size, with the run's head settings.
+
+    Args:
+        preset: a key of `PRESETS`.
+        feature_dim: region feature size D of the store (``manifest.json`` ``feature_dim``).
+        num_answers: VQA answer vocabulary size (0 = no VQA head).
+        text_layers: BERT layers used (0 = the preset's); the Co-TRM blocks move to the last ones.
+        contrastive_weight, hard_negatives: see `ModelConfig`.
+
+    Raises:
+        ValueError: unknown preset, or a resulting config that fails `ModelConfig` validation.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown model preset {preset!r}; known: {', '.join(PRESETS)}")
+    base = PRESETS[preset][0](feature_dim)
+    changes: dict[str, Any] = {
+        "num_answers": num_answers,
+        "contrastive_weight": contrastive_weight,
+        "itm_hard_negatives": hard_negatives,
+    }
+    if text_layers:
+        co = tuple(range(max(0, text_layers - base.num_co_layers), text_layers))
+        changes.update(num_text_layers=text_layers, co_layers_after=co)
+    return dataclasses.replace(base, **changes)

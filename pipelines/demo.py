@@ -8,7 +8,7 @@ Every stage runs as a subprocess of the ``regionflow`` console script, exactly a
 3. ``train``: one Ray Train run, 2 workers on CPU, all tasks at once (pretrain, retrieval, VQA, caption), with
    the ``small`` model preset (~5.6M parameters): a randomly initialised 2-layer BERT text stream of width 128
    that keeps the WordPiece vocabulary of the packaged all-MiniLM-L6-v2 checkpoint, a 1-layer visual stream
-   and two Co-TRM blocks of width 128 (``pipelines.train.SMALL_PRESET``). The ``tiny`` preset (width 32)
+   and two Co-TRM blocks of width 128 (``model.config.PRESETS``). The ``tiny`` preset (width 32)
    learned next to nothing here and ``base`` (80M parameters, pretrained MiniLM) is ~1 s a step on a CPU.
    Tasks are weighted (``--task-weights``);
 4. ``evaluate`` on the held-out images: retrieval (``--rerank-top``), VQA, captioning; then the controls

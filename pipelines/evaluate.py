@@ -398,7 +398,7 @@ def evaluate(args: argparse.Namespace) -> Path:
     """
     from model.data import HASH_RULE
     from model.report import read_losses, write_report
-    from pipelines.train import manifest_digest
+    from schemas.manifest import manifest_digest
     from workers.store import StoreReader
 
     _check_numbers(args)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -37,6 +36,7 @@ import numpy as np
 import torch
 
 from model.checkpoint import CheckpointError
+from model.config import PRESETS, preset_config
 from model.data import (
     DEFAULT_HOLDOUT_FRACTION,
     HASH_RULE,
@@ -48,7 +48,7 @@ from model.data import (
     check_holdout_fraction,
 )
 from model.vqa import DEFAULT_MAX_QUESTION_TOKENS, DEFAULT_MIN_ANSWER_COUNT, VqaDataError
-from schemas.manifest import canonical_json, comparable_manifest
+from schemas.manifest import canonical_json, manifest_digest
 from schemas.store import StoreSchemaError
 
 log = logging.getLogger(__name__)
@@ -191,9 +191,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the init, data order and masking")
     parser.add_argument(
         "--model-config",
-        choices=("tiny", "small", "base"),
+        choices=tuple(PRESETS),
         default="base",
-        help="tiny (tests), small (random-init text, the CPU demo) or base (pretrained MiniLM text)",
+        help="model preset (model/config.py PRESETS): "
+        + "; ".join(f"{name}: {about}" for name, (_, about) in PRESETS.items()),
     )
     parser.add_argument("--text-layers", type=int, default=0, help="BERT layers used (0: the preset's)")
     parser.add_argument(
@@ -265,54 +266,6 @@ def check_store_reachable(store: str, shared_fs: bool) -> None:
             "worker opens the store on its own node: put the store on s3:// or on a filesystem mounted at the "
             "same path on every node (then pass --store-shared-fs)"
         )
-
-
-# ``--model-config small``: ``ModelConfig.tiny`` widened to 128 (4 heads) with full-length captions.
-SMALL_PRESET: dict[str, Any] = {
-    "text_hidden": 128,
-    "text_heads": 4,
-    "text_intermediate": 256,
-    "visual_hidden": 128,
-    "visual_heads": 4,
-    "visual_intermediate": 256,
-    "co_hidden": 128,
-    "co_heads": 4,
-    "caption_decoder_heads": 4,
-    "max_caption_tokens": 36,
-}
-
-
-def build_model_config(
-    preset: str,
-    feature_dim: int,
-    num_answers: int,
-    text_layers: int,
-    contrastive: float,
-    hard_negatives: bool = False,
-) -> Any:
-    """``ModelConfig`` of the preset for the store's feature size; ``text_layers`` keeps the last three co-layers."""
-    from model.config import ModelConfig
-
-    if preset == "tiny":
-        base = ModelConfig.tiny(feature_dim=feature_dim)
-    elif preset == "small":  # ~5.6M parameters, random-init text: trains on CPU in minutes (the demo)
-        base = ModelConfig.tiny(feature_dim=feature_dim, **SMALL_PRESET)
-    else:
-        base = ModelConfig(feature_dim=feature_dim)
-    changes: dict[str, Any] = {
-        "num_answers": num_answers,
-        "contrastive_weight": contrastive,
-        "itm_hard_negatives": hard_negatives,
-    }
-    if text_layers:
-        co = tuple(range(max(0, text_layers - base.num_co_layers), text_layers))
-        changes.update(num_text_layers=text_layers, co_layers_after=co)
-    return dataclasses.replace(base, **changes)
-
-
-def manifest_digest(manifest: dict[str, Any]) -> str:
-    """sha256 of the store manifest without its run history (``schemas.manifest.comparable_manifest``)."""
-    return hashlib.sha256(canonical_json(comparable_manifest(manifest))).hexdigest()
 
 
 def _parse_tasks(text: str) -> tuple[str, ...]:
@@ -415,7 +368,7 @@ def prepare(args: argparse.Namespace) -> tuple[TrainConfig, Any, dict[str, Any]]
     _warn_uncommitted(reader, store_path)
     images = StoreImages(reader)
     sizes, vocab = _split_sizes(images, tasks, args)
-    model_config = build_model_config(
+    model_config = preset_config(
         args.model_config,
         images.feature_dim,
         len(vocab),

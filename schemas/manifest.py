@@ -164,3 +164,8 @@ def parse_manifest(data: bytes, *, where: str) -> dict[str, Any]:
 def comparable_manifest(manifest: dict[str, Any]) -> dict[str, Any]:
     """The manifest without its ``runs`` history: what two equivalent stores must share."""
     return {k: v for k, v in manifest.items() if k != "runs"}
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 hex of the manifest without its run history (`comparable_manifest`): which store a run trained on."""
+    return hashlib.sha256(canonical_json(comparable_manifest(manifest))).hexdigest()
