@@ -163,6 +163,22 @@ def _check_list_lengths(table: pa.Table) -> None:
             raise StoreSchemaError(f"{name}: length != num_boxes for key {_first_key(table, bad)}")
 
 
+def boxes_not_inside(
+    boxes_xyxy_px: np.ndarray, width_px: int | np.ndarray, height_px: int | np.ndarray
+) -> np.ndarray:
+    """The store's box rule, the one place it is written: bool ``[N]``, True for each box that is not
+    ``0 <= x1 < x2 <= W`` and ``0 <= y1 < y2 <= H`` (empty, outside the image, or non-finite: a NaN
+    fails every comparison).
+
+    Args:
+        boxes_xyxy_px: ``[N, 4]`` xyxy pixels (any float dtype; a torch tensor on CPU also works).
+        width_px, height_px: the image size in pixels, a scalar or one value per box (``[N]``).
+    """
+    x1, y1, x2, y2 = (boxes_xyxy_px[:, i] for i in range(4))
+    inside = (x1 >= 0) & (y1 >= 0) & (x1 < x2) & (y1 < y2) & (x2 <= width_px) & (y2 <= height_px)
+    return ~inside
+
+
 def _check_boxes(table: pa.Table) -> None:
     boxes = pc.list_flatten(pc.list_flatten(table.column("boxes_xyxy_px"))).to_numpy().reshape(-1, 4)
     if not np.isfinite(boxes).all():
@@ -170,10 +186,9 @@ def _check_boxes(table: pa.Table) -> None:
     num_boxes = table.column("num_boxes").to_numpy()
     width = np.repeat(table.column("image_width_px").to_numpy(), num_boxes)
     height = np.repeat(table.column("image_height_px").to_numpy(), num_boxes)
-    x1, y1, x2, y2 = boxes.T
-    ok = (x1 >= 0) & (y1 >= 0) & (x1 < x2) & (y1 < y2) & (x2 <= width) & (y2 <= height)
-    if not ok.all():
-        row = int(np.searchsorted(np.cumsum(num_boxes), int(np.flatnonzero(~ok)[0]), side="right"))
+    bad = boxes_not_inside(boxes, width, height)
+    if bad.any():
+        row = int(np.searchsorted(np.cumsum(num_boxes), int(np.flatnonzero(bad)[0]), side="right"))
         key = table.column("key")[row].as_py()
         raise StoreSchemaError(f"boxes_xyxy_px: box outside its image or empty, key {key}")
 

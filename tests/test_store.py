@@ -16,7 +16,14 @@ import pytest
 from tiny_store import random_rows
 
 from schemas.manifest import ShardAccounting, new_manifest
-from schemas.store import LOCK_FILE, MANIFEST_FILE, PARTS_DIR, StoreSchemaError, row_schema
+from schemas.store import (
+    LOCK_FILE,
+    MANIFEST_FILE,
+    PARTS_DIR,
+    StoreSchemaError,
+    boxes_not_inside,
+    row_schema,
+)
 from workers.store import (
     PartWriter,
     StoreLocation,
@@ -189,3 +196,16 @@ def test_write_bytes_is_atomic_locally(tmp_path: Path) -> None:
     location = StoreLocation.parse(str(tmp_path))
     location.write_bytes(location.path("f.json"), b"{}")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
+
+
+def test_box_rule_is_inside_with_area_and_per_box_sizes() -> None:
+    """``boxes_not_inside``: borders allowed, zero width/height, outside or NaN refused; per-box sizes."""
+    import numpy as np
+
+    boxes = np.array(
+        [[0, 0, 10, 8], [0, 0, 0, 8], [2, 3, 2.5, 3], [-0.5, 0, 4, 4], [0, 0, 10.5, 8], [np.nan, 0, 1, 1]],
+        dtype=np.float32,
+    )
+    assert boxes_not_inside(boxes, 10, 8).tolist() == [False, True, True, True, True, True]
+    widths = np.array([9, 10, 10, 10, 11, 10])
+    assert boxes_not_inside(boxes, widths, 8).tolist() == [True, True, True, True, False, True]

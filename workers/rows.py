@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 
 from schemas.reasons import ErrorReason
-from schemas.store import NUM_OBJECT_OUTPUTS, row_schema
+from schemas.store import NUM_OBJECT_OUTPUTS, boxes_not_inside, row_schema
 
 if TYPE_CHECKING:
     from workers.detect.detector import RegionDetector, RegionOutput
@@ -217,10 +217,9 @@ def output_problem(output: RegionOutput, width_px: int, height_px: int, with_cls
     peak = float(np.abs(output.features).max())
     if peak > FLOAT16_MAX:
         return f"feature magnitude {peak:.6g} exceeds the float16 range ({FLOAT16_MAX:g})"
-    x1, y1, x2, y2 = boxes.T
-    inside = (x1 >= 0) & (y1 >= 0) & (x1 < x2) & (y1 < y2) & (x2 <= width_px) & (y2 <= height_px)
-    if not inside.all():
-        box = int(np.flatnonzero(~inside)[0])
+    outside = boxes_not_inside(boxes, width_px, height_px)
+    if outside.any():
+        box = int(np.flatnonzero(outside)[0])
         return f"box {box} {boxes[box].tolist()} is empty or outside the {width_px}x{height_px} image"
     if with_cls_prob and output.cls_prob is None:
         return "class probabilities requested but the detector returned none"

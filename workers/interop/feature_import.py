@@ -58,7 +58,7 @@ import pyarrow as pa
 
 from schemas.manifest import ShardAccounting
 from schemas.reasons import ErrorReason
-from schemas.store import NUM_OBJECT_OUTPUTS, row_schema
+from schemas.store import NUM_OBJECT_OUTPUTS, boxes_not_inside, row_schema
 from workers.interop.safe_unpickle import UnsafePickleError, safe_loads
 from workers.store import PartWriter, StoreLocation
 
@@ -313,8 +313,7 @@ def _decode_array(value: Any, name: str, reason: str, rows: int, cols: int | Non
 def _check_boxes(boxes: np.ndarray, width: int, height: int) -> None:
     if not np.isfinite(boxes).all():
         raise _RecordInvalid(ErrorReason.BOXES_INVALID, "non-finite box coordinate")
-    x1, y1, x2, y2 = boxes.T
-    bad = ~((x1 >= 0) & (y1 >= 0) & (x1 < x2) & (y1 < y2) & (x2 <= width) & (y2 <= height))
+    bad = boxes_not_inside(boxes, width, height)
     if bad.any():
         i = int(np.flatnonzero(bad)[0])
         raise _RecordInvalid(

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from schemas.reasons import ErrorReason
+from schemas.store import boxes_not_inside
 from workers.read.rejection import SampleRejected
 
 BOX_FORMATS = ("xyxy", "xywh")
@@ -169,8 +170,7 @@ def validate_boxes(boxes_xyxy_px: np.ndarray, width_px: int, height_px: int) -> 
     limits = np.array([width_px, height_px, width_px, height_px], dtype=np.float32)
     outside = (boxes_xyxy_px < -BOX_TOLERANCE_PX) | (boxes_xyxy_px > limits + BOX_TOLERANCE_PX)
     clipped = np.clip(boxes_xyxy_px, 0.0, limits)
-    empty = (clipped[:, 2] <= clipped[:, 0]) | (clipped[:, 3] <= clipped[:, 1])
-    bad = np.flatnonzero(outside.any(axis=1) | empty)
+    bad = np.flatnonzero(outside.any(axis=1) | boxes_not_inside(clipped, width_px, height_px))
     if bad.size:
         i = int(bad[0])
         raise SampleRejected(
