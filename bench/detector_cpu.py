@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from torch.nn import functional as F
 
-from workers.detect import detector as detector_module
+from workers.detect import backbone as detector_module
 from workers.detect.config import BoxSelectionConfig, detector_config
 from workers.detect.detector import RegionDetector
 

@@ -8,6 +8,8 @@ values, saved as ``.pth`` (torch tensors) and ``.pkl`` (numpy arrays, detectron2
 from __future__ import annotations
 
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,8 @@ from workers.detect.butd_checkpoint import (
     rule_for,
 )
 from workers.detect.config import BoxSelectionConfig, detector_config
-from workers.detect.detector import RegionDetector, RegionDetectorModel
+from workers.detect.detector import RegionDetector
+from workers.detect.network import RegionDetectorModel
 from workers.detect.weights import load_weights, supported_suffixes
 from workers.interop.safe_unpickle import UnsafePickleError
 
@@ -259,3 +262,13 @@ def test_pth_that_runs_code_is_refused(model: RegionDetectorModel, tmp_path: Pat
     with pytest.raises(pickle.UnpicklingError):
         load_weights(model, path)
     assert not marker.exists()
+
+
+def test_checkpoint_loader_does_not_import_the_network() -> None:
+    """No cycle: the key map needs no detector module; the anchors come from the model being loaded."""
+    code = (
+        "import sys, workers.detect.butd_checkpoint, workers.detect.weights; "
+        "print(sorted(m for m in sys.modules if m.startswith('workers.detect.')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "['workers.detect.butd_checkpoint', 'workers.detect.weights']"

@@ -18,16 +18,12 @@ import torch
 from safetensors.torch import save_file
 from torch.nn import functional as F
 
+from workers.detect.anchors import caffe_cell_anchors
+from workers.detect.backbone import ConvNorm, valid_feature_size
 from workers.detect.config import BoxSelectionConfig, DetectorConfig, detector_config
-from workers.detect.detector import (
-    ConvNorm,
-    RegionDetector,
-    RegionDetectorModel,
-    caffe_cell_anchors,
-    prepare_image,
-    resized_size,
-    valid_feature_size,
-)
+from workers.detect.detector import RegionDetector
+from workers.detect.network import RegionDetectorModel
+from workers.detect.preprocess import prepare_image, resized_size
 from workers.detect.weights import load_weights, save_weights, weights_digest
 
 DATA = Path(__file__).parents[2] / "shared" / "data"

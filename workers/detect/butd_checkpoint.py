@@ -13,7 +13,7 @@ key and shape of the attribute model: ``shared/data/butd-checkpoint-keys/bua-caf
 A file holding the state dict itself (no ``model`` entry) is accepted too.
 
 ``KEY_MAP`` is the documented table from their names to ours, first matching rule wins. regionflow's
-detector (``workers/detect/detector.py``) names its modules as the checkpoint does, so most rules copy a tensor
+detector (``workers/detect/network.py``) names its modules as the checkpoint does, so most rules copy a tensor
 to the same name; what is not a plain copy:
 
 ============================================  ==================================================================
@@ -53,8 +53,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from workers.interop.safe_unpickle import safe_load
+
 BUTD_SUFFIXES = (".pth", ".pt", ".pkl")
-BUTD_CONFIG_NAME = "butd-r101-c4"  # the only detector configuration these checkpoints fit
 ANCHORS_KEY = "proposal_generator.anchor_generator.cell_anchors.0"
 ANCHOR_MATCH_TOLERANCE_PX = 1e-3
 _BOX_DIM = 4
@@ -124,12 +125,14 @@ def rule_for(key: str) -> KeyRule | None:
     return next((rule for rule in KEY_MAP if re.fullmatch(rule.pattern, key)), None)
 
 
-def load_butd_checkpoint(path: Path) -> dict[str, torch.Tensor]:
+def load_butd_checkpoint(path: Path, our_anchors: torch.Tensor) -> dict[str, torch.Tensor]:
     """Read a bottom-up-attention checkpoint and map it onto regionflow's names (``map_butd_state``).
 
     Args:
         path: ``.pth`` / ``.pt`` (torch, ``weights_only=True``) or ``.pkl`` (numpy arrays, restricted
             unpickler).
+        our_anchors: float ``[A, 4]`` cell anchors of the model being loaded (``RegionDetectorModel.cell_anchors``),
+            in its RPN channel order.
 
     Returns:
         our name → float32 (or the file's non-float dtype) CPU tensor; keys no rule maps keep their names.
@@ -143,13 +146,11 @@ def load_butd_checkpoint(path: Path) -> dict[str, torch.Tensor]:
     if suffix not in BUTD_SUFFIXES:
         raise ButdCheckpointError(f"{path}: not a bottom-up-attention checkpoint suffix {BUTD_SUFFIXES}")
     if suffix == ".pkl":
-        from workers.interop.safe_unpickle import safe_load
-
         with path.open("rb") as handle:
             loaded = safe_load(handle, where=str(path))
     else:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    return map_butd_state(_state_dict_of(loaded, path), _reference_anchors(), where=str(path))
+    return map_butd_state(_state_dict_of(loaded, path), our_anchors.detach().cpu(), where=str(path))
 
 
 def _state_dict_of(loaded: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -168,16 +169,6 @@ def _state_dict_of(loaded: Any, path: Path) -> dict[str, torch.Tensor]:
         else:
             raise ButdCheckpointError(f"{path}: value of {key!r} is a {type(value).__name__}, not an array")
     return out
-
-
-def _reference_anchors() -> torch.Tensor:
-    """Our cell anchors ``[A, 4]`` of ``butd-r101-c4`` (Caffe ``generate_anchors`` order)."""
-    from workers.detect.config import detector_config
-    from workers.detect.detector import caffe_cell_anchors
-
-    config = detector_config(BUTD_CONFIG_NAME)
-    cells = caffe_cell_anchors(config.feature_stride_px, config.anchor_ratios, config.anchor_scales)
-    return torch.from_numpy(cells)
 
 
 def map_butd_state(

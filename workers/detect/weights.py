@@ -14,29 +14,28 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from workers.detect.butd_checkpoint import BUTD_SUFFIXES, load_butd_checkpoint
+
 _HASH_CHUNK_BYTES = 1 << 20
 _MAX_KEYS_IN_ERROR = 20
 
 
-def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+def _load_safetensors(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file  # lazy: the GPU bench machine has no safetensors
 
     return load_file(str(path), device="cpu")
 
 
-def _load_butd(path: Path) -> dict[str, torch.Tensor]:
-    from workers.detect.butd_checkpoint import (
-        load_butd_checkpoint,  # imports workers.detect.detector: lazy (no cycle)
-    )
+def _load_butd(path: Path, model: nn.Module) -> dict[str, torch.Tensor]:
+    anchors = getattr(model, "cell_anchors", None)
+    if not isinstance(anchors, torch.Tensor):
+        raise ValueError(f"{path}: a bottom-up-attention checkpoint loads into a region detector model only")
+    return load_butd_checkpoint(path, anchors)
 
-    return load_butd_checkpoint(path)
 
-
-_LOADERS: dict[str, Callable[[Path], dict[str, torch.Tensor]]] = {
+_LOADERS: dict[str, Callable[[Path, nn.Module], dict[str, torch.Tensor]]] = {
     ".safetensors": _load_safetensors,
-    **dict.fromkeys(
-        (".pth", ".pt", ".pkl"), _load_butd
-    ),  # bottom-up-attention, workers/detect/butd_checkpoint.py
+    **dict.fromkeys(BUTD_SUFFIXES, _load_butd),  # bottom-up-attention, workers/detect/butd_checkpoint.py
 }
 
 
@@ -49,7 +48,8 @@ def load_weights(model: nn.Module, path: Path) -> None:
     """Load a state dict saved by ``save_weights`` into ``model`` (in place, strict).
 
     Args:
-        model: the module whose state-dict names the file uses.
+        model: the module whose state-dict names the file uses (for a bottom-up-attention checkpoint, a
+            ``RegionDetectorModel``: its ``cell_anchors`` order the RPN channels).
         path: a ``.safetensors`` file, or a bottom-up-attention ``.pth`` / ``.pt`` / ``.pkl`` checkpoint.
 
     Raises:
@@ -66,7 +66,7 @@ def load_weights(model: nn.Module, path: Path) -> None:
         )
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    state = loader(path)
+    state = loader(path, model)
     _check_state(model.state_dict(), state, path)
     model.load_state_dict(state, strict=True)
 
