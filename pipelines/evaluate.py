@@ -37,12 +37,12 @@ from model.checkpoint import CheckpointError
 from model.data import CaptionPairs, Sample, StoreImages, collate
 from model.metrics import EfficiencyMeter
 from model.vqa import VqaDataError
+from pipelines.cli import ExitCode, fail
 from schemas.store import StoreSchemaError
 
 log = logging.getLogger(__name__)
 
 EVAL_DIR = "eval"
-EXIT_BAD_INPUT = 2
 CONTROLS = ("none", "shuffle_visual", "shuffle_features")
 DEFAULT_EVAL_BATCH = 64
 CAPTION_PROMPT = (101, 102)  # [CLS] [SEP]: the text input of caption generation batches
@@ -89,14 +89,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``regionflow evaluate``; returns 0 or `EXIT_BAD_INPUT`."""
+    """Run ``regionflow evaluate``; returns `ExitCode` OK or BAD_INPUT."""
     try:
         out = evaluate(args)
     except (EvalInputError, StoreSchemaError, VqaDataError, CheckpointError, FileNotFoundError) as exc:
-        log.error("evaluate: %s", exc)
-        return EXIT_BAD_INPUT
+        return fail("evaluate", exc)
     log.info("evaluate: report in %s", out)
-    return 0
+    return ExitCode.OK
 
 
 # ------------------------------------------------------------------------------------------- set-up

@@ -3,7 +3,7 @@
 The work is ``workers.interop.feature_export``; this module parses the command line, refuses to replace existing
 output files unless ``--overwrite`` (for ``--parquet DIR``: the files this export would write, i.e. each
 shard's ``<shard>.parquet`` / ``<shard>.errors.parquet`` and ``manifest.json``; other files in DIR are left
-alone), and prints a JSON summary. Exit codes: 0 written; 1 refused (bad flags, no store, existing output).
+alone), and prints a JSON summary. Exit codes (`pipelines.cli.ExitCode`): 0 written; 1 refused (bad flags, no store, existing output).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import asdict
 
 from pyarrow import fs as pafs
 
+from pipelines.cli import ExitCode, fail
 from schemas.store import StoreSchemaError
 from workers.interop.feature_export import (
     MANIFEST_COPY,
@@ -26,7 +27,6 @@ from workers.interop.feature_export import (
 from workers.store import StoreLocation, StoreReader
 
 log = logging.getLogger(__name__)
-EXIT_OK, EXIT_USER_ERROR = 0, 1
 EXISTING_SHOWN = 5  # existing output files named in the refusal
 
 
@@ -81,8 +81,7 @@ def refuse_existing(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.float32 and not args.parquet:
-        log.error("--float32 applies to --parquet only (the TSV is always float32)")
-        return EXIT_USER_ERROR
+        return fail("export", "--float32 applies to --parquet only (the TSV is always float32)")
     try:
         refuse_existing(args)
         if args.parquet:
@@ -90,7 +89,6 @@ def run(args: argparse.Namespace) -> int:
         else:
             summary = export_tsv(args.store, args.tsv)
     except (FileNotFoundError, StoreSchemaError, OutputExists) as exc:
-        log.error("export failed: %s", exc)
-        return EXIT_USER_ERROR
+        return fail("export", exc)
     print(json.dumps(asdict(summary), indent=1, sort_keys=True))
-    return EXIT_OK
+    return ExitCode.OK

@@ -48,10 +48,10 @@ Faults:
   recorded are trusted as before (logged once). A ``StoreLock`` keeps two runs off one local store (object stores have
   no lock, which is logged).
 
-Exit codes: 0 every shard completed (error rows allowed); 1 refused before any work (bad flags, a store
-that is not ours or of another config, a held lock); 2 some shards failed, or a usage error: argparse's own
-(a bad flag value such as ``--max-tokens 2``) and local shard files that do not exist (checked after brace
-expansion, before Ray starts; ``s3://`` shards are not checked, an unreachable one becomes a failed shard).
+Exit codes (`pipelines.cli.ExitCode`): 0 every shard completed (error rows allowed); 1 refused before any
+work (bad flags, local shard files that do not exist — checked after brace expansion, before Ray starts;
+``s3://`` shards are not checked, an unreachable one becomes a failed shard —, a store that is not ours or of
+another config, a held lock); 2 some shards failed.
 When every sample of the run became an error row of one reason, the summary carries a warning (``warnings``
 in the JSON, and logged) with the flag that most likely fixes it; the exit code stays 0.
 
@@ -83,6 +83,7 @@ from typing import Any
 import pyarrow as pa
 import ray
 
+from pipelines.cli import ExitCode, fail
 from pipelines.inflight import InFlightMeter
 from schemas.manifest import DoneMarker, ShardAccounting, ShardSource, config_digest, new_manifest
 from schemas.reasons import ErrorReason
@@ -120,8 +121,6 @@ DETECTOR_SEED = 0
 OMP_WAIT_POLICY = "OMP_WAIT_POLICY"
 OBJECT_STORE_ENV_PREFIX = "AWS_"  # forwarded to read tasks of s3:// shards (read_task_runtime_env)
 
-EXIT_OK, EXIT_REFUSED, EXIT_FAILED_SHARDS = 0, 1, 2
-EXIT_USAGE = 2  # argparse's code for usage errors; also used for local shard files that do not exist
 MISSING_SHARDS_SHOWN = 10  # missing shard paths named in the error message
 CHANGED_SHARDS_SHOWN = 5  # shards with another source named in the refusal message
 LOCAL_FILE_SCHEME = "file://"
@@ -152,7 +151,7 @@ class ExtractRefused(RuntimeError):
 
 
 class ShardsNotFound(ValueError):
-    """Local shard files that do not exist (found before Ray starts; a usage error, exit code 2).
+    """Local shard files that do not exist (found before Ray starts; refused, exit code 1).
 
     Attributes:
         paths: the missing files, in the order given (after brace expansion).
@@ -381,17 +380,13 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``regionflow extract``; prints the JSON summary; returns 0, 1 (refused) or 2 (failed shards, or
-    missing local shard files: a usage error, reported like argparse's before Ray starts)."""
+    """Run ``regionflow extract``; prints the JSON summary; returns an `ExitCode`: OK, BAD_INPUT (refused,
+    or missing local shard files, before Ray starts) or SHARDS_FAILED."""
     try:
         config = config_from_args(args)
         summary = extract(args.shards, args.out, config)
-    except ShardsNotFound as exc:
-        print(f"regionflow extract: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ExtractRefused, ValueError, StoreLockedError) as exc:
-        print(f"regionflow extract: error: {exc}", file=sys.stderr)
-        return EXIT_REFUSED
+    except (ShardsNotFound, ExtractRefused, ValueError, StoreLockedError) as exc:
+        return fail("extract", exc)
     print(json.dumps(summary.to_dict(), indent=1, sort_keys=True))
     return summary.exit_code
 
@@ -692,7 +687,7 @@ class ExtractSummary:
 
     @property
     def exit_code(self) -> int:
-        return EXIT_FAILED_SHARDS if self.failed_shards else EXIT_OK
+        return int(ExitCode.SHARDS_FAILED if self.failed_shards else ExitCode.OK)
 
     @property
     def images_per_s(self) -> float:

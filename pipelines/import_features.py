@@ -1,7 +1,7 @@
 """``regionflow import``: a bottom-up-attention TSV or a ViLBERT feature LMDB -> a regionflow store.
 
 The work is ``workers.interop.feature_import.import_features`` (no Ray needed); this module parses the command
-line, prints a JSON summary on stdout, and maps user errors to exit code 1.
+line, prints a JSON summary on stdout, and maps user errors to `ExitCode.BAD_INPUT` (1).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import os
 import re
 from dataclasses import asdict
 
+from pipelines.cli import ExitCode, fail
 from schemas.store import StoreSchemaError
 from workers.interop.feature_import import (
     SOURCE_FORMATS,
@@ -26,7 +27,6 @@ from workers.read.tokenizer import DEFAULT_MAX_TOKENS, CaptionTokenizer
 from workers.store import StoreLockedError
 
 log = logging.getLogger(__name__)
-EXIT_OK, EXIT_USER_ERROR = 0, 1
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,7 +88,6 @@ def run(args: argparse.Namespace) -> int:
         UnsafePickleError,
         StoreSchemaError,
     ) as exc:
-        log.error("import failed: %s", exc)
-        return EXIT_USER_ERROR
+        return fail("import", exc)
     print(json.dumps(asdict(summary), indent=1, sort_keys=True))
-    return EXIT_OK
+    return ExitCode.OK

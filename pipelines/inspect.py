@@ -12,8 +12,8 @@ and every shard's status:
 Without ``--verify`` the markers are trusted, as ``extract`` trusts them. ``--verify`` re-hashes every part
 file and error table against its marker (byte size and sha256), validates every row batch against schema v1
 (``schemas.store.validate_rows``: list lengths, boxes inside images, finite values, unique keys) and the
-error tables, and checks each marker's accounting identities. Exit code: 0, or 1 when the store cannot be
-read or verification finds a problem.
+error tables, and checks each marker's accounting identities. Exit code (`pipelines.cli.ExitCode`): 0; 1 when
+the store cannot be read; 2 when verification finds a damaged shard or one of another config.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,6 +28,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.cli import ExitCode, fail
 from schemas.manifest import DoneMarker
 from schemas.store import (
     ERRORS_SUFFIX,
@@ -42,7 +42,6 @@ from schemas.store import (
 from workers.store import StoreReader, part_names, read_marker
 
 HASH_BLOCK_BYTES = 1 << 22  # part files are hashed in 4 MiB blocks (memory stays flat)
-EXIT_OK, EXIT_PROBLEM = 0, 1
 
 
 @dataclass
@@ -94,14 +93,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the report; 0 when readable (and verified, with ``--verify``), else 1."""
+    """Print the report; `ExitCode` OK when readable (and verified, with ``--verify``), BAD_INPUT when not a
+    readable store, SHARDS_FAILED when shards failed or do not verify (named in the report)."""
     try:
         report = inspect_store(args.store, verify=args.verify)
     except (StoreSchemaError, OSError) as exc:
-        print(f"regionflow inspect: error: {exc}", file=sys.stderr)
-        return EXIT_PROBLEM
+        return fail("inspect", exc)
     print(json.dumps(report.to_dict(), indent=1, sort_keys=True) if args.json else format_report(report))
-    return EXIT_PROBLEM if report.problems else EXIT_OK
+    return ExitCode.SHARDS_FAILED if report.problems else ExitCode.OK
 
 
 def inspect_store(root: str, *, verify: bool = False) -> StoreReport:

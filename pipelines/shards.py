@@ -1,14 +1,14 @@
 """``regionflow shards``: an image folder (+ COCO captions JSON) -> WebDataset tar shards (DESIGN §9 CLI).
 
-Prints a JSON summary on stdout. Exit codes: 0 written; 2 bad input (message on stderr, nothing written).
+Prints a JSON summary on stdout. Exit codes (`pipelines.cli.ExitCode`): 0 written; 1 bad input (message on stderr, nothing written).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 
+from pipelines.cli import ExitCode, fail
 from workers.corpus.shards import ShardsConfig, ShardsInputError, write_shards
 
 
@@ -39,7 +39,6 @@ def run(args: argparse.Namespace) -> int:
     try:
         summary = write_shards(config)
     except ShardsInputError as exc:
-        print(f"regionflow shards: error: {exc}", file=sys.stderr)
-        return 2
+        return fail("shards", exc)
     print(json.dumps({"out": args.out, **summary.to_dict()}, indent=1, sort_keys=True))
-    return 0
+    return ExitCode.OK

@@ -19,9 +19,9 @@ import argparse
 import json
 import logging
 import re
-import sys
 from pathlib import Path
 
+from pipelines.cli import ExitCode, fail
 from workers.corpus.synth import (
     ANNOTATIONS_FILE,
     QUESTIONS_FILE,
@@ -33,7 +33,6 @@ from workers.corpus.synth import (
 
 log = logging.getLogger(__name__)
 
-EXIT_BAD_INPUT = 2
 SHARD_PATTERN = re.compile(rf"^{re.escape(SHARD_PREFIX)}\d+\.tar$")
 CORPUS_FILES = (QUESTIONS_FILE, ANNOTATIONS_FILE, SUMMARY_FILE)
 
@@ -68,29 +67,22 @@ def existing_corpus(out_dir: Path) -> tuple[list[Path], list[Path]]:
 def run(args: argparse.Namespace) -> int:
     """Write the corpus; return the exit code."""
     if args.images < 1 or args.samples_per_shard < 1:
-        log.error("--images and --samples-per-shard must be >= 1")
-        return EXIT_BAD_INPUT
+        return fail("synth", "--images and --samples-per-shard must be >= 1")
     out_dir = Path(args.out)
     if out_dir.exists() and not out_dir.is_dir():
-        print(f"regionflow synth: error: --out {out_dir} exists and is not a directory", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return fail("synth", f"--out {out_dir} exists and is not a directory")
     shards, others = existing_corpus(out_dir)
     if (shards or others) and not args.overwrite:
         found = [f"{len(shards)} {SHARD_PREFIX}*.tar shards"] if shards else []
         names = " / ".join(found + [p.name for p in others])
-        print(
-            f"regionflow synth: error: {out_dir} already holds {names}: pass --overwrite to replace them",
-            file=sys.stderr,
-        )
-        return EXIT_BAD_INPUT
+        return fail("synth", f"{out_dir} already holds {names}: pass --overwrite to replace them")
     try:
         config = SynthConfig(min_side_px=args.min_side, max_side_px=args.max_side)
     except ValueError as exc:
-        print(f"regionflow synth: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return fail("synth", exc)
     for path in shards + others:
         path.unlink()
     summary = write_corpus(args.out, args.images, args.samples_per_shard, args.seed, config)
     log.info("wrote %d images in %d shards to %s", summary.images, len(summary.shards), args.out)
     print(json.dumps({"out": str(args.out), "seed": args.seed, **summary.to_dict()}, indent=1))
-    return 0
+    return ExitCode.OK

@@ -48,6 +48,7 @@ from model.data import (
     check_holdout_fraction,
 )
 from model.vqa import DEFAULT_MAX_QUESTION_TOKENS, DEFAULT_MIN_ANSWER_COUNT, VqaDataError
+from pipelines.cli import ExitCode, fail
 from schemas.manifest import canonical_json, manifest_digest
 from schemas.store import StoreSchemaError
 
@@ -66,8 +67,6 @@ FAULT_MARKER = ".fault_injected"
 RUN_FORMAT = "regionflow.run/1"
 TASK_SEED_STRIDE = 1000  # task i's data stream uses seed + i * TASK_SEED_STRIDE
 CHECKPOINTS_KEPT = 3
-EXIT_BAD_INPUT = 2
-EXIT_TRAINING_FAILED = 1
 # TrainConfig fields a --resume may change (everything else must match run.json)
 RESUME_MUTABLE = frozenset({"stop_after_steps", "max_failures", "inject_fault"})
 
@@ -225,14 +224,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run ``regionflow train``; returns 0, `EXIT_BAD_INPUT` or `EXIT_TRAINING_FAILED`."""
+    """Run ``regionflow train``; returns `ExitCode` OK, BAD_INPUT or RUN_FAILED."""
     try:
         _connect_ray(args.address)
         check_store_reachable(args.store, args.store_shared_fs)
         config, model_config, run_info = prepare(args)
     except (TrainInputError, StoreSchemaError, VqaDataError, CheckpointError, FileNotFoundError) as exc:
-        log.error("train: %s", exc)
-        return EXIT_BAD_INPUT
+        return fail("train", exc)
     return fit(config, model_config, run_info, address=args.address)
 
 
@@ -495,7 +493,7 @@ def _flat_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
 
 
 def fit(config: TrainConfig, model_config: Any, run_info: dict[str, Any], address: str | None = None) -> int:
-    """Run the Ray Train ``TorchTrainer``; returns 0 or `EXIT_TRAINING_FAILED`."""
+    """Run the Ray Train ``TorchTrainer``; returns `ExitCode` OK or RUN_FAILED."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -519,8 +517,7 @@ def fit(config: TrainConfig, model_config: Any, run_info: dict[str, Any], addres
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:  # worker errors (after max_failures restarts) and controller errors
-        log.error("train: training failed: %s", exc)
-        return EXIT_TRAINING_FAILED
+        return fail("train", f"training failed: {exc}", ExitCode.RUN_FAILED)
     log.info("train: done; last checkpoint %s", result.checkpoint.path if result.checkpoint else None)
     return 0
 

@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import pyarrow.compute as pc
 
+from pipelines.cli import ExitCode, fail
 from schemas.store import StoreSchemaError
 from workers.corpus.drawing import DrawingConfig, RegionLabel, class_name, draw_regions
 from workers.read.decode import decode_image
@@ -241,7 +242,6 @@ def run(args: argparse.Namespace) -> int:
         picture = render(args)
         write_picture(args.out, picture)
     except (VisualizeError, StoreSchemaError, ShardReadError, SampleRejected) as exc:
-        log.error("%s", exc)
-        return 2
+        return fail("visualize", exc)
     log.info("wrote %s (%dx%d)", args.out, picture.shape[1], picture.shape[0])
-    return 0
+    return ExitCode.OK

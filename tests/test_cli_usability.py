@@ -75,19 +75,18 @@ def test_visualize_creates_a_missing_folder_like_export(store: Path, tmp_path: P
     assert cv2.imread(str(out)).shape == (HEIGHT, WIDTH, 3)
 
 
-def test_visualize_refuses_a_wrong_extension(store: Path, tmp_path: Path, caplog) -> None:
+def test_visualize_refuses_a_wrong_extension(store: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "k1.jpg"
-    with caplog.at_level(logging.ERROR):
-        assert _visualize(store, out) == 2
-    assert "extension must be .png" in caplog.text and not out.exists()
+    assert _visualize(store, out) == 1
+    assert "extension must be .png" in capsys.readouterr().err and not out.exists()
 
 
-def test_visualize_does_not_overwrite_without_the_flag(store: Path, tmp_path: Path, caplog) -> None:
+def test_visualize_does_not_overwrite_without_the_flag(store: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "k1.png"
     out.write_bytes(b"mine")
-    with caplog.at_level(logging.ERROR):
-        assert _visualize(store, out) == 2
-    assert "already exists" in caplog.text and "--overwrite" in caplog.text
+    assert _visualize(store, out) == 1
+    err = capsys.readouterr().err
+    assert "already exists" in err and "--overwrite" in err
     assert out.read_bytes() == b"mine"
     assert _visualize(store, out, "--overwrite") == 0
     assert cv2.imread(str(out)).shape == (HEIGHT, WIDTH, 3)
@@ -96,27 +95,27 @@ def test_visualize_does_not_overwrite_without_the_flag(store: Path, tmp_path: Pa
 # ------------------------------------------------------------------------------------------- export
 
 
-def test_export_tsv_does_not_overwrite_without_the_flag(store: Path, tmp_path: Path, caplog) -> None:
+def test_export_tsv_does_not_overwrite_without_the_flag(store: Path, tmp_path: Path, capsys) -> None:
     tsv = tmp_path / "out.tsv"
     tsv.write_text("mine")
     args = ["export", str(store), "--tsv", str(tsv)]
-    with caplog.at_level(logging.ERROR):
-        assert cli.main(args) == 1
-    assert str(tsv) in caplog.text and "--overwrite" in caplog.text
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert str(tsv) in err and "--overwrite" in err
     assert tsv.read_text() == "mine"
     assert cli.main([*args, "--overwrite"]) == 0
     assert len(tsv.read_text().splitlines()) == 2  # one line per row
 
 
-def test_export_parquet_does_not_overwrite_without_the_flag(store: Path, tmp_path: Path, caplog) -> None:
+def test_export_parquet_does_not_overwrite_without_the_flag(store: Path, tmp_path: Path, capsys) -> None:
     folder = tmp_path / "pq"
     args = ["export", str(store), "--parquet", str(folder)]
     assert cli.main(args) == 0
     (folder / "s1.parquet").write_bytes(b"mine")
     (folder / "notes.txt").write_text("not ours")
-    with caplog.at_level(logging.ERROR):
-        assert cli.main(args) == 1
-    assert "s0.parquet" in caplog.text and "--overwrite" in caplog.text
+    assert cli.main(args) == 1
+    err = capsys.readouterr().err
+    assert "s0.parquet" in err and "--overwrite" in err
     assert (folder / "s1.parquet").read_bytes() == b"mine"
     assert cli.main([*args, "--overwrite"]) == 0
     assert (folder / "s1.parquet").read_bytes()[:4] == b"PAR1"
@@ -126,7 +125,7 @@ def test_export_parquet_does_not_overwrite_without_the_flag(store: Path, tmp_pat
 # ------------------------------------------------------------------------------------------ extract
 
 
-def test_missing_local_shards_exit_2_before_ray_starts(tmp_path: Path, monkeypatch, capsys) -> None:
+def test_missing_local_shards_exit_1_before_ray_starts(tmp_path: Path, monkeypatch, capsys) -> None:
     def no_ray(config: object) -> None:
         raise AssertionError("Ray must not start when shard files are missing")
 
@@ -136,7 +135,7 @@ def test_missing_local_shards_exit_2_before_ray_starts(tmp_path: Path, monkeypat
     pattern = str(tmp_path / "sh-{000..002}.tar")
     code = cli.main(["extract", pattern, "--out", str(out), "--config", "tiny"])
     captured = capsys.readouterr()
-    assert code == 2 and captured.out == ""
+    assert code == 1 and captured.out == ""
     assert "regionflow extract: error: 2 shard file(s) do not exist" in captured.err
     assert str(tmp_path / "sh-001.tar") in captured.err and str(tmp_path / "sh-002.tar") in captured.err
     assert str(tmp_path / "sh-000.tar") not in captured.err
@@ -154,7 +153,7 @@ def test_max_tokens_is_checked_at_parsing_in_cli_terms(tmp_path: Path, capsys) -
     with pytest.raises(SystemExit) as exc:
         cli.main(["extract", "x.tar", "--out", str(tmp_path / "s"), "--max-tokens", "2"])
     err = capsys.readouterr().err
-    assert exc.value.code == 2
+    assert exc.value.code == 1  # argparse's usage errors exit BAD_INPUT (1), as every refusal
     assert "--max-tokens" in err and "at least 3" in err and "[CLS]" in err and "max_tokens" not in err
     args = cli.build_parser("extract").parse_args(["extract", "x.tar", "--out", "s", "--max-tokens", "3"])
     assert args.max_tokens == 3

@@ -12,10 +12,11 @@ import numpy as np
 import pytest
 from tiny_store import planted_rows, random_rows, write_store, write_vqa
 
-from pipelines.cli import main
-from pipelines.evaluate import EXIT_BAD_INPUT, derangement
+from pipelines.cli import ExitCode, main
+from pipelines.evaluate import derangement
 
 D = 8
+EXIT_BAD_INPUT = ExitCode.BAD_INPUT
 
 
 def _train(store: Path, out: Path, tasks: str, steps: int, *extra: str) -> None:
@@ -98,7 +99,7 @@ def test_rerank_covering_every_candidate_equals_full_scoring(trained, tmp_path):
     assert any("top 2 candidates" in n for n in top2["notes"])
 
 
-def test_bad_input_is_refused(trained, tmp_path, caplog):
+def test_bad_input_is_refused(trained, tmp_path, capsys):
     from model.checkpoint import save_model
     from model.config import ModelConfig
     from model.tasks import TaskModel
@@ -109,14 +110,14 @@ def test_bad_input_is_refused(trained, tmp_path, caplog):
     manifest = json.loads((other / "manifest.json").read_text())
     (other / "manifest.json").write_text(json.dumps({**manifest, "schema_version": 2}))
     assert main(["evaluate", str(trained["run"]), str(other), "--task", "retrieval"]) == EXIT_BAD_INPUT
-    assert "schema version 2" in caplog.text
+    assert "schema version 2" in capsys.readouterr().err
     # a model file of another config than the run's
     run = tmp_path / "run"
     shutil.copytree(trained["run"], run, ignore=shutil.ignore_patterns("ray_train"))
     config = ModelConfig.tiny(feature_dim=D, num_answers=5, visual_hidden=12)
     save_model(run / "model.pt", TaskModel(config), config)
     assert _evaluate(trained, run=run) == EXIT_BAD_INPUT
-    assert "another model config (visual_hidden: saved 12 vs expected 24)" in caplog.text
+    assert "another model config (visual_hidden: saved 12 vs expected 24)" in capsys.readouterr().err
     # VQA questions naming images absent from the store
     questions, annotations = write_vqa(tmp_path / "vqa", [1000, 424242])
     args = ["evaluate", str(trained["run"]), str(trained["store"]), "--task", "vqa"]
@@ -124,14 +125,17 @@ def test_bad_input_is_refused(trained, tmp_path, caplog):
         main([*args, "--vqa-questions", str(questions), "--vqa-annotations", str(annotations)])
         == EXIT_BAD_INPUT
     )
-    assert "1 image id(s) named by the VQA questions are absent from the store: 424242" in caplog.text
+    assert (
+        "1 image id(s) named by the VQA questions are absent from the store: 424242"
+        in capsys.readouterr().err
+    )
     # an empty held-out split
     info = json.loads((trained["run"] / "run.json").read_text())
     info["split"]["holdout_fraction"] = 0.0
     (run / "run.json").write_text(json.dumps(info))
     shutil.copy(trained["run"] / "model.pt", run / "model.pt")
     assert main(["evaluate", str(run), str(trained["store"]), "--task", "retrieval"]) == EXIT_BAD_INPUT
-    assert "held-out split is empty" in caplog.text
+    assert "held-out split is empty" in capsys.readouterr().err
 
 
 def test_derangement_has_no_fixed_point():
@@ -175,11 +179,12 @@ def test_planted_signal_is_learned_and_the_control_is_at_chance(tmp_path, ray_se
     ("flag", "value"),
     [("--batch-size", "0"), ("--beam-size", "0"), ("--rerank-top", "-1"), ("--threads", "-2")],
 )
-def test_numbers_out_of_range_are_refused(tmp_path, caplog, capsys, flag, value):
+def test_numbers_out_of_range_are_refused(tmp_path, capsys, flag, value):
     store = write_store(tmp_path / "store", random_rows(4, 8), 8, num_shards=1)
     argv = ["evaluate", str(tmp_path / "run"), str(store), "--task", "retrieval", flag, value]
     assert main(argv) == EXIT_BAD_INPUT
-    assert f"evaluate: {flag} must be >= " in caplog.text and "Traceback" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"regionflow evaluate: error: {flag} must be >= " in err and "Traceback" not in err
 
 
 def test_another_store_than_the_training_one_is_said_on_the_terminal(trained, tmp_path, caplog):

@@ -241,7 +241,7 @@ def test_refusals_write_nothing(shards: list[str], tmp_path: Path, capsys) -> No
     )  # id twice
     with pytest.raises(SystemExit) as exc:
         cli.main([*base, "--out", str(fresh), "--batch-size", "0"])
-    assert exc.value.code == 2
+    assert exc.value.code == 1
     assert not fresh.exists()
 
 

@@ -58,7 +58,7 @@ def test_flipped_byte_found_only_by_verify(store: Path, capsys) -> None:
     path.write_bytes(bytes(data))
     assert cli.main(["inspect", str(store)]) == 0  # markers are trusted without --verify
     capsys.readouterr()
-    assert cli.main(["inspect", str(store), "--verify"]) == 1
+    assert cli.main(["inspect", str(store), "--verify"]) == 2  # a damaged shard: ExitCode.SHARDS_FAILED
     assert "s-001.arrow" in capsys.readouterr().out
 
 

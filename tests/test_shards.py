@@ -112,7 +112,7 @@ def test_original_bytes_and_extension_kept(tmp_path):
         }
 
 
-def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
+def test_bad_input_exits_1_and_writes_nothing(tmp_path, capsys):
     images = tmp_path / "img"
     images.mkdir()
     (images / "000000000001.jpg").write_bytes(make_jpeg(4, 4))
@@ -130,7 +130,7 @@ def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
         full = [*args, "--out", str(out)]
         if "--samples-per-shard" not in args:
             full += ["--samples-per-shard", "2"]
-        assert shards_cli(*full) == 2, args
+        assert shards_cli(*full) == 1, args
         assert message in capsys.readouterr().err
         assert not out.exists()
 
@@ -142,6 +142,6 @@ def test_existing_shards_need_overwrite(tmp_path, capsys):
         (images / f"k{i}.jpg").write_bytes(make_jpeg(4, 4, seed=i))
     args = ["--images", str(images), "--out", str(tmp_path / "o")]
     assert shards_cli(*args, "--samples-per-shard", "1") == 0
-    assert shards_cli(*args, "--samples-per-shard", "2") == 2
+    assert shards_cli(*args, "--samples-per-shard", "2") == 1
     assert shards_cli(*args, "--samples-per-shard", "2", "--overwrite") == 0
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["shard-000000.tar", "shard-000001.tar"]

@@ -10,9 +10,8 @@ import pytest
 import torch
 from tiny_store import random_rows, write_store, write_vqa
 
-from pipelines.cli import main
+from pipelines.cli import ExitCode, main
 from pipelines.train import (
-    EXIT_BAD_INPUT,
     FAULT_MARKER,
     LOSSES_FILE,
     MODEL_FILE,
@@ -22,6 +21,7 @@ from pipelines.train import (
 )
 
 D = 8
+EXIT_BAD_INPUT = ExitCode.BAD_INPUT
 TASKS = "retrieval,pretrain,vqa,caption"
 MAX_STEPS = 8
 
@@ -130,7 +130,7 @@ def test_weighted_schedule_with_hard_negatives(tiny_inputs, tmp_path, ray_sessio
     assert run["task_weights"] == [1, 1, 3, 1] and run["model_config"]["itm_hard_negatives"] is True
 
 
-def test_bad_input_is_refused(tiny_inputs, tmp_path, uninterrupted, caplog):
+def test_bad_input_is_refused(tiny_inputs, tmp_path, uninterrupted, capsys):
     other = tmp_path / "other_version"
     write_store(other, random_rows(4, D), D, num_shards=1)
     manifest = json.loads((other / "manifest.json").read_text())
@@ -138,13 +138,13 @@ def test_bad_input_is_refused(tiny_inputs, tmp_path, uninterrupted, caplog):
     args = _train_args(tiny_inputs, tmp_path / "r1")
     args[1] = str(other)
     assert main(args) == EXIT_BAD_INPUT
-    assert "schema version 99" in caplog.text
+    assert "schema version 99" in capsys.readouterr().err
     # an existing run without --resume, and --resume without a run
     assert main(_train_args(tiny_inputs, uninterrupted)) == EXIT_BAD_INPUT
     assert main(_train_args(tiny_inputs, tmp_path / "nothing", "--resume")) == EXIT_BAD_INPUT
     # a resume with other arguments
     assert main([*_train_args(tiny_inputs, uninterrupted, "--resume"), "--batch-size", "2"]) == EXIT_BAD_INPUT
-    assert "train.batch_size" in caplog.text
+    assert "train.batch_size" in capsys.readouterr().err
     # VQA questions naming images the store lacks
     qpath, apath = write_vqa(tmp_path / "vqa", [1000, 1001, 777, 778])
     args = _train_args(tiny_inputs, tmp_path / "r2")
@@ -153,20 +153,23 @@ def test_bad_input_is_refused(tiny_inputs, tmp_path, uninterrupted, caplog):
         str(apath),
     )
     assert main(args) == EXIT_BAD_INPUT
-    assert "2 image id(s) named by the VQA questions are absent from the store: 777, 778" in caplog.text
+    assert (
+        "2 image id(s) named by the VQA questions are absent from the store: 777, 778"
+        in capsys.readouterr().err
+    )
     # task weights not one per task, or below 1
     for weights in ("1,2", "1,0,1,1", "1,a,1,1"):
         assert main([*_train_args(tiny_inputs, tmp_path / "r4"), "--task-weights", weights]) == EXIT_BAD_INPUT
-        assert "--task-weights must give one integer >= 1 per --task" in caplog.text
+        assert "--task-weights must give one integer >= 1 per --task" in capsys.readouterr().err
     # an empty training split
     args = _train_args(tiny_inputs, tmp_path / "r3")
     assert main([*args, "--holdout-fraction", "0.999999"]) == EXIT_BAD_INPUT
-    assert "training split is empty" in caplog.text
+    assert "training split is empty" in capsys.readouterr().err
 
 
 @pytest.mark.cluster
-def test_local_store_refused_on_a_multi_node_cluster(tiny_inputs, tmp_path, caplog):
-    """A 2-node ``Cluster``: a local store path is refused (exit 2, before any run file is written) unless
+def test_local_store_refused_on_a_multi_node_cluster(tiny_inputs, tmp_path, capsys):
+    """A 2-node ``Cluster``: a local store path is refused (exit 1, before any run file is written) unless
     ``--store-shared-fs``; an ``s3://`` store passes. No training starts. The session runtime is restored."""
     import ray
     from conftest import RAY_TEST_CPUS
@@ -183,9 +186,10 @@ def test_local_store_refused_on_a_multi_node_cluster(tiny_inputs, tmp_path, capl
         cluster.wait_for_nodes()
         out = tmp_path / "run"
         assert main([*_train_args(tiny_inputs, out), "--address", cluster.address]) == EXIT_BAD_INPUT
-        assert f"store {tiny_inputs['store']} is a local path" in caplog.text
-        assert "has 2 alive nodes" in caplog.text
-        assert "s3://" in caplog.text and "mounted at the same path on every node" in caplog.text
+        err = capsys.readouterr().err
+        assert f"store {tiny_inputs['store']} is a local path" in err
+        assert "has 2 alive nodes" in err
+        assert "s3://" in err and "mounted at the same path on every node" in err
         assert not out.exists()
         check_store_reachable(str(tiny_inputs["store"]), shared_fs=True)
         check_store_reachable("s3://bucket/store", shared_fs=False)
@@ -212,18 +216,19 @@ def test_local_store_refused_on_a_multi_node_cluster(tiny_inputs, tmp_path, capl
     ],
 )
 def test_numbers_out_of_range_are_refused_before_a_run_is_written(
-    tiny_inputs, tmp_path, ray_session, caplog, capsys, flag, value, message
+    tiny_inputs, tmp_path, ray_session, capsys, flag, value, message
 ):
     out = tmp_path / "run"
     extra = ["--hard-negatives"] if flag == "--contrastive-weight" else []
     assert main([*_train_args(tiny_inputs, out), f"{flag}={value}", *extra]) == EXIT_BAD_INPUT
-    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert len(errors) == 1 and errors[0].startswith("train: ") and message in errors[0]
-    assert "\n" not in errors[0] and "Traceback" not in capsys.readouterr().err
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("regionflow train: error: ") and message in errors[0]
+    assert "Traceback" not in err
     assert not out.exists()
 
 
-def test_uncommitted_shards_are_ignored_with_one_warning(tmp_path, ray_session, caplog):
+def test_uncommitted_shards_are_ignored_with_one_warning(tmp_path, ray_session, caplog, capsys):
     store = write_store(tmp_path / "store", random_rows(12, D, seed=3), D, num_shards=3)
     (store / "parts" / "shard-001.done.json").unlink()  # a part written, never committed
     out = tmp_path / "run"
@@ -235,4 +240,4 @@ def test_uncommitted_shards_are_ignored_with_one_warning(tmp_path, ray_session, 
     ]
     assert len(warnings) == 1
     assert "ignoring 1 uncommitted shard(s)" in warnings[0] and warnings[0].endswith(": shard-001")
-    assert "8 images" in caplog.text  # the 4 images of shard-001 are not read
+    assert "8 images" in capsys.readouterr().err  # the 4 images of shard-001 are not read

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 
 import cv2
@@ -89,37 +88,34 @@ def test_scale_resizes_and_boxes_follow(store: Path, tmp_path: Path) -> None:
     assert (picture[2 * int(BOX[3]) - 1, 30:100] == list(class_colour(CLASS_ID))[::-1]).all()
 
 
-def test_missing_key_exits_2_with_a_clear_message(
-    store: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+def test_missing_key_exits_1_with_a_clear_message(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     shard = _shard(tmp_path / "s-000.tar", "k1", 120)
-    with caplog.at_level(logging.ERROR):
-        assert _visualize(str(store), "nope", "--out", str(tmp_path / "x.png"), "--images", str(shard)) == 2
-    assert "'nope'" in caplog.text and not (tmp_path / "x.png").exists()
+    assert _visualize(str(store), "nope", "--out", str(tmp_path / "x.png"), "--images", str(shard)) == 1
+    assert "'nope'" in capsys.readouterr().err and not (tmp_path / "x.png").exists()
 
 
-def test_repeated_key_needs_shard(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_repeated_key_needs_shard(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "store"
     write_test_store(str(root), {"a": [_row("k1", [BOX], [1])], "b": [_row("k1", [BOX], [2])]}, FEATURE_DIM)
     urls = [str(_shard(tmp_path / "a.tar", "k1", 40)), str(_shard(tmp_path / "b.tar", "k1", 200))]
     out = tmp_path / "k1.png"
-    with caplog.at_level(logging.ERROR):
-        assert _visualize(str(root), "k1", "--out", str(out), "--images", *urls) == 2
-    assert "--shard" in caplog.text
+    assert _visualize(str(root), "k1", "--out", str(out), "--images", *urls) == 1
+    assert "--shard" in capsys.readouterr().err
     assert _visualize(str(root), "k1", "--shard", "b", "--out", str(out), "--images", *urls) == 0
     picture = cv2.imread(str(out))
     assert picture[HEIGHT - 5, WIDTH - 5, 0] == 200  # shard b's image, outside the box
     assert (picture[int(BOX[3]) - 1, 20:50] == list(class_colour(2))[::-1]).all()
-    assert _visualize(str(root), "k1", "--shard", "zzz", "--out", str(out), "--images", *urls) == 2
+    assert _visualize(str(root), "k1", "--shard", "zzz", "--out", str(out), "--images", *urls) == 1
 
 
 def test_image_urls_come_from_the_manifest_or_a_clear_error(
-    store: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     out = tmp_path / "k1.png"
-    with caplog.at_level(logging.ERROR):
-        assert _visualize(str(store), "k1", "--out", str(out)) == 2
-    assert "--images" in caplog.text
+    assert _visualize(str(store), "k1", "--out", str(out)) == 1
+    assert "--images" in capsys.readouterr().err
     shard = _shard(tmp_path / "s-000.tar", "k1", 120)
     location = StoreLocation.parse(str(store))
     manifest = read_manifest(location)
@@ -131,13 +127,13 @@ def test_image_urls_come_from_the_manifest_or_a_clear_error(
 
 def test_wrong_images_are_refused(store: Path, tmp_path: Path) -> None:
     other_size = _shard(tmp_path / "s-000.tar", "k1", 120, size=(64, 64))
-    assert _visualize(str(store), "k1", "--out", str(tmp_path / "x.png"), "--images", str(other_size)) == 2
+    assert _visualize(str(store), "k1", "--out", str(tmp_path / "x.png"), "--images", str(other_size)) == 1
     no_image = tmp_path / "elsewhere" / "s-000.tar"
     no_image.parent.mkdir()
     write_tar(no_image, [("k2.png", _png(3))])
-    assert _visualize(str(store), "k1", "--out", str(tmp_path / "x.png"), "--images", str(no_image)) == 2
+    assert _visualize(str(store), "k1", "--out", str(tmp_path / "x.png"), "--images", str(no_image)) == 1
     unrelated = _shard(tmp_path / "t-000.tar", "k1", 120)
-    assert _visualize(str(store), "k1", "--out", str(tmp_path / "x.png"), "--images", str(unrelated)) == 2
+    assert _visualize(str(store), "k1", "--out", str(tmp_path / "x.png"), "--images", str(unrelated)) == 1
 
 
 def test_class_names_follow_the_butd_vocabulary_convention() -> None:
