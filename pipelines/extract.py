@@ -945,13 +945,14 @@ def extract(
             ``overwrite``); more detectors than GPUs.
         StoreLockedError: another live run holds the store's lock.
         ShardsNotFound: local shard files that do not exist (checked before anything else starts).
-        ValueError: bad shard URLs (duplicate shard ids) or a bad vocabulary folder.
+        ValueError: bad shard URLs (``workers.read.urls.check_shard_urls``: pipe:, unsupported schemes,
+            directories, patterns matching nothing, duplicate shard ids) or a bad vocabulary folder.
     """
-    from workers.read.reader import expand_shard_urls
     from workers.read.tokenizer import CaptionTokenizer
+    from workers.read.urls import check_shard_urls
 
     started_utc = _utc_now()
-    urls = [_absolute(url) for url in expand_shard_urls(list(shard_urls))]
+    urls = check_shard_urls(list(shard_urls))
     missing = missing_local_shards(urls)
     if missing:
         raise ShardsNotFound(missing)
@@ -1247,11 +1248,9 @@ def _committed_sources(location: StoreLocation, urls: list[str], *, overwrite: b
 
 def shard_source(url: str) -> ShardSource:
     """The input of a shard now: its normalised URL (an absolute path for local files and ``file://`` URLs,
-    object-store URLs as given) and its byte size from a stat (``os.stat``; on object storage a HEAD through
-    ``pyarrow.fs``, as the reader opens it). The size is None, with a warning, when the stat fails: the
-    read then reports the problem."""
-    from pyarrow import fs as pafs
-
+    object-store URLs as given) and its byte size from a stat (``os.stat``; on object storage or http(s) a
+    HEAD, ``workers.read.urls.shard_size``, as the reader opens it). The size is None, with a warning, when
+    the stat fails: the read then reports the problem."""
     path = _local_path(url)
     if path is not None:
         try:
@@ -1259,13 +1258,13 @@ def shard_source(url: str) -> ShardSource:
         except OSError as exc:
             logger.warning("cannot stat shard %s: %s", path, exc)
             return ShardSource(path, None)
+    from workers.read.urls import ShardReadError, shard_size
+
     try:
-        filesystem, inner = pafs.FileSystem.from_uri(url)
-        info = filesystem.get_file_info(inner)
-    except (OSError, ValueError) as exc:
-        logger.warning("cannot stat shard %s: %s", url, exc)
+        return ShardSource(url, shard_size(url))
+    except ShardReadError as exc:
+        logger.warning("%s", exc)
         return ShardSource(url, None)
-    return ShardSource(url, info.size if info.type == pafs.FileType.File else None)
 
 
 def _provenance(info: DetectorInfo, tokenizer: Any, vocabularies: dict[str, Any] | None) -> dict[str, Any]:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import gzip
 import io
-import os
 import tarfile
 import zlib
 from collections import Counter
@@ -56,6 +55,13 @@ from workers.read.captions import (
 )
 from workers.read.decode import decode_image
 from workers.read.rejection import SampleRejected
+from workers.read.urls import (  # noqa: F401  (ShardReadError, expand_shard_urls: re-exported)
+    STREAM_BUFFER_BYTES,
+    ShardReadError,
+    expand_shard_urls,
+    open_shard_stream,
+    shard_id_of,
+)
 
 IMAGE_EXTENSIONS = frozenset({"jpg", "jpeg", "png", "webp", "bmp"})
 TEXT_EXTENSION = "txt"
@@ -66,7 +72,6 @@ UNSAFE_EXTENSIONS = frozenset(
 CAPTION_MODES = ("required", "optional")
 GZIP_MAGIC = b"\x1f\x8b"
 TAIL_BYTES = 8 * tarfile.RECORDSIZE  # uncompressed bytes kept to inspect where the tar stream stopped
-STREAM_BUFFER_BYTES = 1 << 20
 
 _IMAGE, _TEXT, _JSON = "image", "text", "json"
 
@@ -139,58 +144,6 @@ class MemberCounts:
 
     members: int = 0
     members_ignored: dict[str, int] = field(default_factory=dict)
-
-
-class ShardReadError(RuntimeError):
-    """The shard cannot be read (missing, not a tar, I/O failure); the message contains the URL."""
-
-
-def shard_id_of(url: str) -> str:
-    """Shard id: the file name without any extension (``"a/b/coco-000.tar.gz"`` -> ``"coco-000"``)."""
-    name = url.rstrip("/").rsplit("/", 1)[-1]
-    return name.split(".", 1)[0]
-
-
-def expand_shard_urls(urls: list[str]) -> list[str]:
-    """Expand brace ranges (``shard-{000..099}.tar``) in order; refuse two URLs with one shard id.
-
-    Raises:
-        ValueError: two URLs share a shard id, or a URL has an empty shard id.
-    """
-    expanded: list[str] = []
-    for url in urls:
-        if "{" in url:
-            import braceexpand  # a webdataset dependency; only needed for ranges
-
-            expanded.extend(braceexpand.braceexpand(url))
-        else:
-            expanded.append(url)
-    seen: dict[str, str] = {}
-    for url in expanded:
-        shard = shard_id_of(url)
-        if not shard:
-            raise ValueError(f"shard URL {url!r} has an empty shard id")
-        if shard in seen:
-            raise ValueError(f"shard id {shard!r} given twice: {seen[shard]!r} and {url!r}")
-        seen[shard] = url
-    return expanded
-
-
-def open_shard_stream(url: str) -> BinaryIO:
-    """Open a shard for sequential reading: a local path, or any URI ``pyarrow.fs`` understands (``s3://``,
-    which honours ``AWS_ENDPOINT_URL``). Returns the raw (possibly compressed) byte stream.
-
-    Raises:
-        ShardReadError: the shard cannot be opened (message contains the URL).
-    """
-    from pyarrow import fs as pafs  # keeps `import workers.read.reader` light
-
-    uri = url if "://" in url else os.path.abspath(url)
-    try:
-        filesystem, path = pafs.FileSystem.from_uri(uri)
-        return filesystem.open_input_stream(path, compression=None, buffer_size=STREAM_BUFFER_BYTES)
-    except (OSError, ValueError) as exc:
-        raise ShardReadError(f"cannot open shard {url}: {exc}") from exc
 
 
 def split_member_name(name: str) -> tuple[str, str] | None:
