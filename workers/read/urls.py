@@ -245,7 +245,7 @@ def open_shard_stream(url: str) -> BinaryIO:
             raw = filesystem.open(location.path, "rb", block_size=STREAM_BUFFER_BYTES)
     except (OSError, ValueError) as exc:
         raise ShardReadError(f"cannot open shard {url}: {exc}") from exc
-    return io.BufferedReader(_SizedStream(raw, url, size), buffer_size=STREAM_BUFFER_BYTES)  # type: ignore[return-value]
+    return _SizedStream(raw, url, size)  # type: ignore[return-value]  # a RawIOBase: read(), close()
 
 
 class _SizedStream(io.RawIOBase):
@@ -262,12 +262,13 @@ class _SizedStream(io.RawIOBase):
 
     def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
         try:
-            chunk = self._source.read(len(buffer))
+            count = self._source.readinto(buffer)  # no copy: local files and fsspec files have readinto
         except OSError as exc:
             raise ShardReadError(f"I/O error reading shard {self._url}: {exc}") from exc
-        self.total += len(chunk)
+        count = count or 0
+        self.total += count
         if self._expected is not None:
-            if not chunk and self.total < self._expected:
+            if not count and self.total < self._expected:
                 raise ShardReadError(
                     f"short read of shard {self._url}: the stream ended after {self.total} of "
                     f"{self._expected} bytes (the attempt fails and is retried)"
@@ -276,8 +277,7 @@ class _SizedStream(io.RawIOBase):
                 raise ShardReadError(
                     f"shard {self._url} delivered more than its {self._expected} bytes (changed while read?)"
                 )
-        buffer[: len(chunk)] = chunk
-        return len(chunk)
+        return count
 
     def close(self) -> None:
         if not self.closed:
