@@ -1,6 +1,9 @@
 """Reason codes: why a sample became an error row, or why a tar member was ignored.
 
-The lists are fixed: a new code is a schema change (bump ``SCHEMA_VERSION`` in ``schemas.store``).
+The lists are fixed: a new code is a schema change (bump ``SCHEMA_VERSION`` in ``schemas.store``), except an
+added ``ErrorReason``: stores without it read as before, and an older regionflow refuses a store that uses it
+by name (``validate_errors``: "unknown reason codes"), so v1 stays readable (``member_name_not_utf8`` was
+added this way).
 Error rows carry an ``ErrorReason`` value in their ``reason`` column; ignored members are counted per
 ``IgnoredReason`` in each shard's done marker (DESIGN §9 *Accounting*).
 """
@@ -30,6 +33,9 @@ class ErrorReason(StrEnum):
     BOXES_INVALID = "boxes_invalid"  # given boxes malformed, empty area or outside the image
     BOXES_MISSING = "boxes_missing"  # --boxes given and the sample has no boxes
     DETECTOR_OUTPUT_INVALID = "detector_output_invalid"  # non-finite or degenerate detector output
+    MEMBER_NAME_NOT_UTF8 = (
+        "member_name_not_utf8"  # the key's bytes in the tar are not UTF-8 (shown \xNN-escaped)
+    )
 
 
 class IgnoredReason(StrEnum):

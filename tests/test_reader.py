@@ -269,3 +269,33 @@ def test_s3_shard_through_a_local_s3_server(tmp_path, monkeypatch):
             list(ShardReader("s3://shards/dir/missing.tar", ReaderConfig()))
     finally:
         server.stop()
+
+
+def test_member_name_not_utf8_is_an_error_row_and_the_shard_goes_on(tmp_path: Path) -> None:
+    """A GNU tar with the latin-1 name ``café.jpg`` (byte 0xE9): the samples beside it are read, the bad one
+    is a ``member_name_not_utf8`` error row whose key and member names are text (``\\xe9`` escaped), so the
+    error table can be written (before: a surrogate key failed the whole shard with UnicodeEncodeError)."""
+    import io
+    import tarfile
+
+    import pyarrow as pa
+
+    from schemas.store import error_schema
+
+    path = tmp_path / "latin-000.tar"
+    with tarfile.open(path, "w", format=tarfile.GNU_FORMAT, encoding="latin-1") as tar:
+        members = simple_sample("a") + [("caf\xe9.jpg", make_jpeg(16, 16)), ("caf\xe9.txt", b"x")]
+        for name, data in members + simple_sample("b", 1) + [("b.t\xe9xt", b"ignored")]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    assert b"caf\xe9.jpg" in path.read_bytes()
+    samples, errors, counts = read_all(path)
+    assert [s.key for s in samples] == ["a", "b"]
+    assert [(e.key, e.member_names, e.reason) for e in errors] == [
+        ("caf\\xe9", ("caf\\xe9.jpg", "caf\\xe9.txt"), ErrorReason.MEMBER_NAME_NOT_UTF8)
+    ]
+    assert "not UTF-8" in errors[0].detail and counts.members_ignored == {"unknown_extension": 1}
+    row = {"key": [errors[0].key], "shard": [errors[0].shard], "member_names": [list(errors[0].member_names)]}
+    row |= {"reason": [errors[0].reason.value], "detail": [errors[0].detail]}
+    assert pa.table(row, schema=error_schema()).num_rows == 1

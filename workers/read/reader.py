@@ -19,6 +19,10 @@ Per key (a *group* of adjacent members):
   was: the key can then appear both as a row and as an error row.
 - caption source: the JSON's ``caption``/``captions`` field when present, else the first ``.txt``; an
   unused second caption member is ignored (``caption_unused``).
+- names: member names are text. A name whose bytes are not UTF-8 (a GNU tar written with latin-1 names) is
+  shown with ``\\xNN`` for each such byte (``shown_member_name``: ``caf\\xe9.jpg``); a sample whose *key* had
+  such bytes becomes a ``member_name_not_utf8`` error row under that shown key; the samples beside it are
+  read as usual.
 - damage: a member whose data is cut short, or a stream that ends in an invalid header or without the tar
   end-of-archive marker: the group being read becomes a ``tar_truncated`` error row (with the cut member),
   reading stops, and every sample before it is kept. No exception. Gzip-compressed tars are recognised by
@@ -157,6 +161,14 @@ def split_member_name(name: str) -> tuple[str, str] | None:
     return (f"{directory}/{stem}" if _ else stem), extension.lower()
 
 
+def shown_member_name(name: str) -> str:
+    """A member name as regionflow shows and stores it: the name itself when its bytes are UTF-8; else each
+    byte that is not, as ``\\xNN`` (``tarfile`` gives such bytes as surrogate escapes: the latin-1 name
+    ``caf\\xe9.jpg``, 0x63 0x61 0x66 0xE9 ..., becomes the text ``caf\\xe9.jpg`` with a literal backslash).
+    Keys are text, so a sample whose key is shown this way is an error row (``member_name_not_utf8``)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def member_role(extension: str) -> str | IgnoredReason:
     """Role of a member from its extension's last component: image / text / json, or why it is ignored."""
     last = extension.rsplit(".", 1)[-1]
@@ -173,10 +185,11 @@ def member_role(extension: str) -> str | IgnoredReason:
 
 @dataclass
 class _Member:
-    name: str
+    name: str  # as shown: ``shown_member_name``
     key: str
     role: str
     data: bytes
+    key_not_utf8: bool = False
 
 
 @dataclass
@@ -306,7 +319,7 @@ def iter_tar_entries(
     source = _decompressed(stream)
     recorder = _TailRecorder(source)
     try:
-        tar = tarfile.open(fileobj=recorder, mode="r|")
+        tar = tarfile.open(fileobj=recorder, mode="r|", encoding="utf-8", errors="surrogateescape")
     except _DAMAGE_ERRORS as exc:
         raise ShardReadError(
             f"shard {url} is not a readable tar: {_with_gzip_error(str(exc), source)}"
@@ -428,12 +441,14 @@ class ShardReader:
         if split is None:
             self._ignored[IgnoredReason.UNKNOWN_EXTENSION.value] += 1
             return None
+        name, key = shown_member_name(entry.name), shown_member_name(split[0])
+        key_not_utf8 = key != split[0]
         role = member_role(split[1])
         if isinstance(role, IgnoredReason):
             self._ignored[role.value] += 1
-            return _Member(name=entry.name, key=split[0], role="", data=b"")
+            return _Member(name=name, key=key, role="", data=b"", key_not_utf8=key_not_utf8)
         assert entry.data is not None
-        return _Member(name=entry.name, key=split[0], role=role, data=entry.data)
+        return _Member(name=name, key=key, role=role, data=entry.data, key_not_utf8=key_not_utf8)
 
     def _damaged(self, group: _Group | None, damage: _TarDamage) -> Iterator[SampleError | DecodedSample]:
         """The sample cut by stream damage becomes a ``tar_truncated`` error row (with the cut member).
@@ -444,14 +459,15 @@ class ShardReader:
         """
         if damage.name is not None:
             self._counts.members += 1
-            split = split_member_name(damage.name)
-            cut_key = split[0] if split is not None else damage.name
+            cut_name = shown_member_name(damage.name)
+            split = split_member_name(cut_name)
+            cut_key = split[0] if split is not None else cut_name
             if group is not None and group.key != cut_key:
                 yield self._finish(group)
                 group = None
             if group is None:
                 group = _Group(key=cut_key)
-            group.members.append(_Member(name=damage.name, key=cut_key, role="", data=b""))
+            group.members.append(_Member(name=cut_name, key=cut_key, role="", data=b""))
         elif group is None:
             group = _Group(key="")  # damage before any keyed member: reported under the empty key
         yield self._error(group, ErrorReason.TAR_TRUNCATED, damage.detail)
@@ -515,7 +531,14 @@ class ShardReader:
 
 
 def _check_grouping(group: _Group) -> _Member:
-    """Return the group's one image member, or raise for non-adjacent, duplicate or missing/extra images."""
+    """Return the group's one image member, or raise for a key that is not UTF-8, non-adjacent, duplicate or
+    missing/extra images."""
+    if any(m.key_not_utf8 for m in group.members):
+        raise SampleRejected(
+            ErrorReason.MEMBER_NAME_NOT_UTF8,
+            f"the tar stores key '{group.key}' in bytes that are not UTF-8 (shown with \\xNN for those bytes); "
+            "keys are text: rename the members, e.g. re-pack the tar with UTF-8 names",
+        )
     if group.non_adjacent:
         raise SampleRejected(
             ErrorReason.NON_ADJACENT_MEMBERS,
