@@ -106,6 +106,7 @@ def test_original_bytes_and_extension_kept(tmp_path):
         assert tar.getnames() == ["b.png", "b.json"]
         assert json.loads(tar.extractfile("b.json").read()) == {
             "captions": [],
+            "file_name": "b.PNG",
             "height": 4,
             "image_id": None,
             "width": 5,
@@ -145,3 +146,24 @@ def test_existing_shards_need_overwrite(tmp_path, capsys):
     assert shards_cli(*args, "--samples-per-shard", "2") == 1
     assert shards_cli(*args, "--samples-per-shard", "2", "--overwrite") == 0
     assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["shard-000000.tar", "shard-000001.tar"]
+
+
+def test_names_with_dots_get_keys_that_read_back(tmp_path, capsys):
+    """``a.b.jpg``, ``a.c.jpg``, ``photo.v2.jpg``: keys ``a_b``, ``a_c``, ``photo_v2`` (before: members
+    ``a.b.jpg`` / ``a.c.jpg`` read back as one key ``a``, both lost as ``multiple_images``); the JSON keeps the
+    file name. ``a_b.png`` beside ``a.b.jpg`` would share a key: refused, naming both."""
+    images = tmp_path / "img"
+    images.mkdir()
+    for seed, name in enumerate(("a.b.jpg", "a.c.jpg", "photo.v2.jpg")):
+        (images / name).write_bytes(make_jpeg(8, 6, seed=seed))
+    out = tmp_path / "o"
+    assert shards_cli("--images", str(images), "--out", str(out), "--samples-per-shard", "5") == 0
+    read = list(ShardReader(str(out / "shard-000000.tar"), ReaderConfig(captions="optional")))
+    assert all(isinstance(r, DecodedSample) for r in read), read
+    assert [r.key for r in read] == ["a_b", "a_c", "photo_v2"]
+    with tarfile.open(out / "shard-000000.tar") as tar:
+        assert json.loads(tar.extractfile("photo_v2.json").read())["file_name"] == "photo.v2.jpg"
+    (images / "a_b.png").write_bytes(make_png(4, 4))
+    capsys.readouterr()
+    assert shards_cli("--images", str(images), "--out", str(tmp_path / "o2"), "--samples-per-shard", "5") == 1
+    assert "two images with key 'a_b': a.b.jpg, a_b.png" in capsys.readouterr().err

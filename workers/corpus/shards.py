@@ -1,9 +1,13 @@
 """An image folder (+ COCO captions) -> deterministic WebDataset tar shards (``regionflow shards``, §9 CLI).
 
-Each image file becomes one sample, key = its file stem:
+Each image file becomes one sample, key = its file stem with every dot mapped to ``_`` (``sample_key``): a
+WebDataset key ends at the first dot of the member's basename, so ``a.b.jpg`` and ``a.c.jpg`` written as
+``a.b.jpg`` / ``a.c.jpg`` would both be read back as key ``a`` (one ``multiple_images`` error). Two files whose
+keys would collide (``a.b.jpg`` and ``a_b.png``) are refused, naming both.
 
 - ``KEY.<ext>``: the original bytes, extension lower-cased and kept (``.jpg``, ``.png``, ...);
-- ``KEY.json``: ``{"captions": [...], "height": H, "image_id": ID, "width": W}`` — captions from the COCO
+- ``KEY.json``: ``{"captions": [...], "file_name": NAME, "height": H, "image_id": ID, "width": W}`` —
+  ``file_name`` is the image's original file name (``photo.v2.jpg``); captions from the COCO
   file in annotation-id order (``[]`` when none), ``image_id`` from the COCO file, else from a COCO-style
   file name, else null; ``width``/``height`` as displayed (EXIF orientation applied) read from the header,
   null when the header is unreadable (the sample is still written: ``extract`` reports it as an error row).
@@ -81,19 +85,27 @@ class ShardsSummary:
         return asdict(self)
 
 
+def sample_key(stem: str) -> str:
+    """The sample key of an image file stem: dots mapped to ``_`` (``photo.v2`` -> ``photo_v2``), so the key
+    is the whole name up to the extension when read back (docs/design.md §9 *Identity*)."""
+    return stem.replace(".", "_")
+
+
 def list_images(images_dir: Path) -> dict[str, Path]:
-    """``key (file stem) -> path`` of the folder's image files, sorted by key.
+    """``key (sample_key of the file stem) -> path`` of the folder's image files, sorted by key.
 
     Raises:
-        ShardsInputError: two files share a stem (``a.jpg`` and ``a.png``), or there is no image.
+        ShardsInputError: two files share a key (``a.jpg`` and ``a.png``; ``a.b.jpg`` and ``a_b.jpg``), or
+            there is no image.
     """
     found: dict[str, Path] = {}
     for path in sorted(images_dir.iterdir()):
         if not path.is_file() or path.suffix.lower().lstrip(".") not in IMAGE_EXTENSIONS:
             continue
-        if path.stem in found:
-            raise ShardsInputError(f"two images with key {path.stem!r}: {found[path.stem].name}, {path.name}")
-        found[path.stem] = path
+        key = sample_key(path.stem)
+        if key in found:
+            raise ShardsInputError(f"two images with key {key!r}: {found[key].name}, {path.name}")
+        found[key] = path
     if not found:
         raise ShardsInputError(f"no image files ({sorted(IMAGE_EXTENSIONS)}) in {images_dir}")
     return dict(sorted(found.items()))
@@ -141,6 +153,7 @@ def _sample_members(key: str, path: Path, coco: CocoImage | None, unreadable: li
     image_id = coco.image_id if coco is not None else image_id_from_key(key)
     meta = {
         "captions": list(coco.captions) if coco is not None else [],
+        "file_name": path.name,
         "height": height,
         "image_id": image_id,
         "width": width,
@@ -184,7 +197,7 @@ def write_shards(config: ShardsConfig) -> ShardsSummary:
     coco: dict[str, CocoImage] = {}
     if config.captions_json is not None:
         coco = load_coco_captions(Path(config.captions_json))
-        absent = sorted(set(coco) - set(images))
+        absent = sorted(set(coco) - {path.stem for path in images.values()})
         if absent:
             raise ShardsInputError(
                 f"--captions names {len(absent)} images absent from {images_dir}, e.g. {absent[:3]}"
@@ -203,7 +216,7 @@ def write_shards(config: ShardsConfig) -> ShardsSummary:
         name = f"{config.prefix}-{index:0{SHARD_INDEX_DIGITS}d}.tar"
         write_tar(out_dir / name, _shard_members(keys[start : start + step], images, coco, unreadable))
         shards.append(name)
-    with_captions = sum(1 for key in keys if key in coco and coco[key].captions)
+    with_captions = sum(1 for path in images.values() if path.stem in coco and coco[path.stem].captions)
     return ShardsSummary(shards, len(keys), with_captions, unreadable)
 
 
@@ -211,4 +224,4 @@ def _shard_members(
     keys: list[str], images: dict[str, Path], coco: dict[str, CocoImage], unreadable: list[str]
 ) -> Iterator:
     for key in keys:
-        yield from _sample_members(key, images[key], coco.get(key), unreadable)
+        yield from _sample_members(key, images[key], coco.get(images[key].stem), unreadable)
