@@ -219,6 +219,7 @@ class ExtractConfig:
             path = getattr(self, name)
             if path is not None and not Path(path).exists():
                 raise ValueError(f"--{name} {path}: no such file or directory")
+        self.reader_config()  # its own checks (--max-pixels above OpenCV's limit) before Ray starts
 
     def reader_config(self) -> Any:
         from workers.read.reader import ReaderConfig

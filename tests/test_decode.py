@@ -54,10 +54,9 @@ def test_header_read_without_decoding():
     assert (header.format, header.width_px, header.height_px) == ("PNG", 9000, 8000)
     error = rejected(make_png_header_only(9000, 8000))
     assert error.reason == ErrorReason.IMAGE_TOO_LARGE and "9000x8000" in error.detail
-    # above Pillow's own bomb limit (2 x 89.5 Mpx) Pillow refuses while opening: too large as well
-    with pytest.raises(SampleRejected) as info:
-        read_header(make_png_header_only(30000, 30000))
-    assert info.value.reason == ErrorReason.IMAGE_TOO_LARGE
+    # above Pillow's own bomb limit (2 x 89.5 Mpx): refused by max_pixels, not by Pillow (issue 14 item 4)
+    error = rejected(make_png_header_only(30000, 30000))
+    assert error.reason == ErrorReason.IMAGE_TOO_LARGE and "> max_pixels" in error.detail
 
 
 def test_pixel_limit_is_checked_before_decoding():
@@ -111,3 +110,48 @@ def test_non_image_format_is_rejected():
     gif = encode(Image.fromarray(make_rgb(4, 4)).convert("P"), "GIF")
     error = rejected(gif)
     assert error.reason == ErrorReason.IMAGE_UNDECODABLE and "GIF" in error.detail
+
+
+def _jpeg_declaring(width: int, height: int) -> bytes:
+    data = bytearray(make_jpeg(16, 16))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [_jpeg_declaring(19000, 19000), make_png_header_only(30000, 30000)],
+    ids=["jpeg-361MP", "png-900MP"],
+)
+def test_max_pixels_is_the_only_limit_above_pillows(data: bytes) -> None:
+    """Headers above Pillow's bomb limit (2 x 89.5 MP) pass when ``max_pixels`` allows them (before: Pillow
+    refused them whatever --max-pixels said); Pillow's process-wide limit is neither changed nor warned."""
+    import warnings
+
+    from workers.read.decode import check_pixel_limit, read_header
+
+    before = Image.MAX_IMAGE_PIXELS
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a DecompressionBombWarning would fail the test
+        header = read_header(data)
+    assert Image.MAX_IMAGE_PIXELS == before and header.width_px * header.height_px > 2 * before
+    check_pixel_limit(header, 1_000_000_000)
+    with pytest.raises(SampleRejected, match="> max_pixels 50000000") as refused:
+        check_pixel_limit(header, 50_000_000)
+    assert refused.value.reason == ErrorReason.IMAGE_TOO_LARGE
+
+
+def test_max_pixels_above_opencvs_limit_is_refused_by_the_config() -> None:
+    from workers.read.reader import ReaderConfig
+
+    assert ReaderConfig(max_pixels=1 << 30).max_pixels == 1 << 30
+    with pytest.raises(ValueError, match="above OpenCV's decode limit 1073741824"):
+        ReaderConfig(max_pixels=(1 << 30) + 1)
+
+
+def test_data_no_opener_accepts_is_undecodable() -> None:
+    with pytest.raises(
+        SampleRejected, match="not a recognised image format .accepted: JPEG, PNG, WEBP, BMP."
+    ):
+        decode_image(b"not an image at all", 1000)

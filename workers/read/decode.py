@@ -4,10 +4,9 @@ Order of checks (each failure raises ``SampleRejected`` with the reason in brack
 
 1. zero bytes [``image_empty``];
 2. Pillow opens the header lazily (no pixel data is decoded) and must recognise one of
-   ``ACCEPTED_FORMATS`` [``image_undecodable``]; a header above Pillow's own bomb limit is refused there
-   [``image_too_large``];
+   ``ACCEPTED_FORMATS`` [``image_undecodable``];
 3. ``width * height > max_pixels`` [``image_too_large``], before any pixel buffer is allocated: OpenCV's
-   own limit is one process-wide variable (``CV_IO_MAX_IMAGE_PIXELS``, 2**30) and would decode a
+   own limit is one process-wide variable (``OPENCV_IO_MAX_IMAGE_PIXELS``, 2**30) and would decode a
    30000x30000 bomb into gigabytes;
 4. JPEG only: marker structure (``check_jpeg_structure``) [``image_undecodable``];
 5. ``cv2.imdecode(IMREAD_UNCHANGED)`` must succeed and return the header's size [``image_undecodable``].
@@ -19,6 +18,16 @@ inside entropy-coded data, or no EOI marker after the last scan (a truncated fil
 allowed (camera trailers, motion photos). Damage that leaves a valid marker structure (e.g. flipped bits
 inside entropy-coded data, a zeroed sector) cannot be told apart from a real picture by any decoder and
 is accepted. PNG chunks carry CRCs, which libpng checks; WebP and BMP rely on their decoders' checks.
+
+``max_pixels`` is the only pixel limit. Pillow's own bomb check (``Image.MAX_IMAGE_PIXELS``, a warning
+above 89.5 MP and an error above 2x that, 179 MP) is a process-wide variable; it is neither read nor changed
+here: ``open_header`` opens the header through Pillow's registered openers for ``ACCEPTED_FORMATS`` (the
+loop of ``Image.open`` without its final ``_decompression_bomb_check``), which for JPEG, PNG and BMP parse
+the header only. Two exceptions stay: Pillow's WebP opener allocates its decoder's canvas while opening and
+checks Pillow's limit itself first (WebP is at most 16383x16383 = 268 MP, so only WebPs of 179-268 MP with
+``--max-pixels`` above 179 MP are refused by Pillow: ``image_too_large``, the message says so); and OpenCV's
+own limit, 2**30 pixels unless ``OPENCV_IO_MAX_IMAGE_PIXELS`` says otherwise, above which ``max_pixels``
+is refused by ``ReaderConfig`` (``opencv_pixel_limit``).
 
 The format is decided by content, not by the member's extension: a PNG stored as ``.jpg`` (or the
 reverse) decodes as what it is.
@@ -36,6 +45,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import struct
 from dataclasses import dataclass
 
@@ -49,6 +59,9 @@ from workers.read.rejection import SampleRejected
 log = logging.getLogger(__name__)
 
 ACCEPTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "BMP"})  # Pillow format names
+OPENERS = ("JPEG", "PNG", "WEBP", "BMP")  # Pillow's registered openers tried, in order (JPEG yields MPO too)
+OPENCV_MAX_PIXELS_ENV = "OPENCV_IO_MAX_IMAGE_PIXELS"
+OPENCV_DEFAULT_MAX_PIXELS = 1 << 30
 JPEG_FORMATS = frozenset({"JPEG", "MPO"})
 EXIF_ORIENTATION_TAG = 0x0112
 UINT16_MAX = 65535
@@ -91,13 +104,15 @@ def read_header(data: bytes) -> ImageHeader:
     if len(data) == 0:
         raise SampleRejected(ErrorReason.IMAGE_EMPTY, "image member has 0 bytes")
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with open_header(data) as image:
             fmt, (width, height) = str(image.format), image.size
             orientation = _exif_orientation(image.info.get("exif"))
-    except Image.DecompressionBombError as exc:
-        raise SampleRejected(ErrorReason.IMAGE_TOO_LARGE, f"Pillow refused the header: {exc}") from None
-    except UnidentifiedImageError:
-        raise _reject("not a recognised image format") from None
+    except Image.DecompressionBombError as exc:  # only Pillow's WebP opener checks while opening
+        raise SampleRejected(
+            ErrorReason.IMAGE_TOO_LARGE, f"Pillow's WebP opener refused the header (its own limit): {exc}"
+        ) from None
+    except UnidentifiedImageError as exc:
+        raise _reject(str(exc)) from None
     except (OSError, ValueError, EOFError, SyntaxError) as exc:
         raise _reject(f"unreadable image header: {type(exc).__name__}: {exc}") from None
     if fmt not in ACCEPTED_FORMATS:
@@ -105,6 +120,47 @@ def read_header(data: bytes) -> ImageHeader:
     if not isinstance(orientation, int) or not 1 <= orientation <= 8:
         orientation = 1
     return ImageHeader(format=fmt, width_px=width, height_px=height, orientation=orientation)
+
+
+def open_header(data: bytes) -> Image.Image:
+    """Open ``data``'s header with Pillow's registered opener for its format (``OPENERS``), without
+    ``Image.open``'s process-wide bomb check (module docstring); no pixel data is decoded.
+
+    Raises:
+        UnidentifiedImageError: no opener accepts the data.
+        OSError, ValueError, EOFError, SyntaxError: a damaged header (as from ``Image.open``).
+    """
+    Image.preinit()  # registers the JPEG, PNG, BMP (and GIF, PPM) openers; WebP registers on import
+    from PIL import WebPImagePlugin  # noqa: F401
+
+    prefix = data[:16]
+    for name in OPENERS:
+        factory, accept = Image.OPEN[name]
+        if accept is not None and accept(prefix) is not True:
+            continue
+        try:
+            return factory(io.BytesIO(data), "")
+        except (SyntaxError, IndexError, TypeError, struct.error):
+            continue  # as Image.open: try the next opener
+    other = _other_format(data)
+    if other is not None:
+        raise UnidentifiedImageError(f"image format {other} is not accepted (accepted: {', '.join(OPENERS)})")
+    raise UnidentifiedImageError(f"not a recognised image format (accepted: {', '.join(OPENERS)})")
+
+
+def _other_format(data: bytes) -> str | None:
+    """The name Pillow gives a format regionflow does not accept (``GIF``, ``TIFF``), for the message."""
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return str(image.format)
+    except (Image.DecompressionBombError, UnidentifiedImageError, OSError, ValueError, EOFError, SyntaxError):
+        return None
+
+
+def opencv_pixel_limit() -> int:
+    """OpenCV's decode limit in pixels: ``OPENCV_IO_MAX_IMAGE_PIXELS`` when set to an int, else 2**30."""
+    value = os.environ.get(OPENCV_MAX_PIXELS_ENV, "")
+    return int(value) if value.strip().isdigit() else OPENCV_DEFAULT_MAX_PIXELS
 
 
 def _exif_orientation(raw_exif: bytes | None) -> object:

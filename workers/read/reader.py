@@ -57,7 +57,7 @@ from workers.read.captions import (
     parse_text_caption,
     validate_boxes,
 )
-from workers.read.decode import decode_image
+from workers.read.decode import OPENCV_MAX_PIXELS_ENV, decode_image, opencv_pixel_limit
 from workers.read.rejection import SampleRejected
 from workers.read.urls import (  # noqa: F401  (ShardReadError, expand_shard_urls: re-exported)
     STREAM_BUFFER_BYTES,
@@ -86,7 +86,8 @@ class ReaderConfig:
 
     Attributes:
         captions: ``"required"`` (no caption -> ``missing_caption`` error row) or ``"optional"``.
-        max_pixels: refuse images whose header declares more pixels, before any decode (default 50e6).
+        max_pixels: refuse images whose header declares more pixels, before any decode (default 50e6); the
+            only pixel limit (``workers.read.decode``), at most OpenCV's (``opencv_pixel_limit``, 2**30).
         require_boxes: ``True`` for ``--boxes given``: a sample without ``boxes`` in its JSON (or with an
             empty list) is an error row (``boxes_missing``).
     """
@@ -100,6 +101,11 @@ class ReaderConfig:
             raise ValueError(f"captions must be one of {CAPTION_MODES}, got {self.captions!r}")
         if isinstance(self.max_pixels, bool) or not isinstance(self.max_pixels, int) or self.max_pixels < 1:
             raise ValueError(f"max_pixels must be a positive int, got {self.max_pixels!r}")
+        if self.max_pixels > opencv_pixel_limit():
+            raise ValueError(
+                f"max_pixels {self.max_pixels} is above OpenCV's decode limit {opencv_pixel_limit()} "
+                f"(set {OPENCV_MAX_PIXELS_ENV} to raise it)"
+            )
 
     def to_dict(self) -> dict:
         """Plain dict for manifests and config digests."""
