@@ -55,9 +55,8 @@ another config, a held lock); 2 some shards failed.
 When every sample of the run became an error row of one reason, the summary carries a warning (``warnings``
 in the JSON, and logged) with the flag that most likely fixes it; the exit code stays 0.
 
-Ray's workers get the driver's current directory on their ``sys.path``; ``ray.init`` is therefore called
-from the directory that holds regionflow's own packages, so a user's ``model.py`` cannot shadow ours, and no
-``runtime_env`` working directory is shipped.
+Ray is started or joined by ``pipelines.ray_runtime.start_ray`` (shared with ``train``): from the folder
+holding regionflow's packages, so a user's ``model.py`` cannot shadow ours, and with Ray's noise silenced.
 """
 
 from __future__ import annotations
@@ -85,6 +84,7 @@ import ray
 
 from pipelines.cli import ExitCode, fail
 from pipelines.inflight import InFlightMeter
+from pipelines.ray_runtime import start_ray
 from schemas.manifest import DoneMarker, ShardAccounting, ShardSource, config_digest, new_manifest
 from schemas.reasons import ErrorReason
 from schemas.store import NUM_ATTRIBUTE_OUTPUTS, NUM_OBJECT_OUTPUTS, PARTS_DIR, SCHEMA_VERSION
@@ -531,20 +531,7 @@ def _start_ray(config: ExtractConfig) -> RayResources:
     Raises:
         ExtractRefused: more detectors than GPUs on a GPU cluster.
     """
-    started = False
-    if not ray.is_initialized():
-        home = Path(__file__).resolve().parents[1]  # the folder holding regionflow's packages
-        here = os.getcwd()
-        os.chdir(home)
-        try:
-            address = config.address or os.environ.get("RAY_ADDRESS")
-            if address:
-                ray.init(address=address, include_dashboard=False)
-            else:  # "local": a new instance even when another Ray runs on this machine
-                ray.init(address="local", num_cpus=os.cpu_count() or 1, include_dashboard=False)
-        finally:
-            os.chdir(here)
-        started = True
+    started = start_ray(config.address, num_cpus=os.cpu_count() or 1)
     total = ray.cluster_resources()
     gpus = int(total.get("GPU", 0))
     if gpus and config.detectors > gpus:

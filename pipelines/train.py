@@ -236,10 +236,9 @@ def run(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------------- driver
 def _connect_ray(address: str | None) -> None:
-    import ray
+    from pipelines.ray_runtime import start_ray  # imports Ray: only when training starts
 
-    if not ray.is_initialized():  # without --address / RAY_ADDRESS: a new local instance, never a stranger's
-        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "local")
+    start_ray(address)  # without --address / RAY_ADDRESS: a new local instance, never a stranger's
 
 
 def check_store_reachable(store: str, shared_fs: bool) -> None:

@@ -13,8 +13,10 @@ RAY_TEST_CPUS = 4  # logical CPUs of the test runtime (detector actors + fractio
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[Any]:
     """A local Ray runtime shared by every pipeline test; shut down at the end of the session."""
-    ray = pytest.importorskip("ray")
-    if not ray.is_initialized():
-        ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, log_to_driver=False)
+    import ray
+
+    from pipelines.ray_runtime import start_ray
+
+    start_ray(num_cpus=RAY_TEST_CPUS, log_to_driver=False)  # as the commands start it (no-op if already up)
     yield ray
     ray.shutdown()
