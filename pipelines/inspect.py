@@ -141,15 +141,20 @@ def inspect_store(root: str, *, verify: bool = False) -> StoreReport:
 
 
 def _provenance(manifest: dict[str, Any]) -> dict[str, Any]:
+    """What made the store: an extract run (detector, weights, box selection, caption mode) or an import
+    (``import``: format, source file, its sha256; no detector ran, boxes came with the file)."""
     weights = manifest.get("weights", {})
     vocab = manifest.get("vocabularies")
     extraction = manifest.get("extraction_config", {})
+    imported = manifest.get("import") if extraction.get("mode") == "import" else None
     return {
+        "import": imported,
         "detector_config": (manifest.get("detector_config") or {}).get("name"),
         "weights_digest": weights.get("digest"),
         "random_init": weights.get("random_init"),
         "tokenizer": manifest.get("tokenizer"),
         "box_selection": extraction.get("box_selection"),
+        "box_source": extraction.get("box_source"),
         "captions": extraction.get("captions"),
         "vocabularies": None
         if not vocab
@@ -256,18 +261,20 @@ def _validate_part(reader: StoreReader, shard: str) -> int:
 def format_report(report: StoreReport) -> str:
     """Human-readable report (the default output)."""
     p = report.provenance
-    weights = "RANDOM INIT (no trained weights)" if p["random_init"] else "trained"
     vocab = p["vocabularies"]
     vocab_text = "none" if not vocab else f"{vocab['objects']} objects, {vocab['attributes']} attributes"
-    boxes = p["box_selection"] or {}
+    tokenizer = p["tokenizer"] or {}
     lines = [
         f"store            {report.store}",
         f"schema           v{report.schema_version}, feature size {report.feature_dim}",
         f"config digest    {report.config_digest}",
-        f"detector         {p['detector_config']}, weights {weights}, digest {p['weights_digest']}",
-        f"boxes            {boxes.get('mode')} (K={boxes.get('num_boxes')}), captions {p['captions']}",
-        f"tokenizer        {(p['tokenizer'] or {}).get('tokenizer_digest')} "
-        f"(max tokens {(p['tokenizer'] or {}).get('max_tokens')})",
+        *_origin_lines(p),
+        "tokenizer        "
+        + (
+            f"{tokenizer.get('tokenizer_digest')} (max tokens {tokenizer.get('max_tokens')})"
+            if tokenizer
+            else "none"
+        ),
         f"vocabularies     {vocab_text}",
         f"shards           {report.count('committed')} committed, {report.count('uncommitted')} uncommitted, "
         f"{report.count('failed')} failed, {report.count('other_config')} of another config",
@@ -285,6 +292,44 @@ def format_report(report: StoreReport) -> str:
         )
         lines += [f"  {problem}" for problem in report.problems]
     return "\n".join(lines)
+
+
+def _origin_lines(p: dict[str, Any]) -> list[str]:
+    """The detector, boxes and captions lines: what an extract run used, or where an import came from."""
+    imported = p.get("import")
+    if imported:
+        captions = p["captions"]
+        joined = (
+            f"joined by image_id (captions file sha256 {str(captions.get('captions_sha256'))[:16]}…)"
+            if isinstance(captions, dict)
+            else "none (imported files carry no captions)"
+        )
+        return [
+            f"imported         {imported.get('format')} from {imported.get('source')} "
+            f"(sha256 {str(imported.get('sha256'))[:16]}…); no detector ran",
+            "boxes            given (from the imported file)",
+            f"captions         {joined}",
+        ]
+    weights = (
+        "RANDOM INIT (no trained weights)" if p["random_init"] else f"trained, digest {p['weights_digest']}"
+    )
+    return [
+        f"detector         {p['detector_config']}, weights {weights}",
+        f"boxes            {_boxes_text(p['box_selection'] or {})}",
+        f"captions         {p['captions']}",
+    ]
+
+
+def _boxes_text(selection: dict[str, Any]) -> str:
+    mode = selection.get("mode")
+    if mode == "given":
+        return "given (from each sample's JSON)"
+    if mode == "adaptive":
+        return (
+            f"adaptive ({selection.get('min_boxes')}-{selection.get('max_boxes')} per image, "
+            f"confidence >= {selection.get('conf_threshold')})"
+        )
+    return f"{mode} (K={selection.get('num_boxes')})"
 
 
 def _counts(counter: dict[str, int]) -> str:

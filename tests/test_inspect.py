@@ -99,3 +99,42 @@ def test_not_a_store(tmp_path: Path, capsys) -> None:
     (tmp_path / "x.txt").write_text("hello")
     assert cli.main(["inspect", str(tmp_path)]) == 1
     assert "not a regionflow store" in capsys.readouterr().err
+
+
+def test_imported_store_says_where_it_came_from(tmp_path: Path, capsys) -> None:
+    """On an imported store: no 'weights trained', no 'digest None', no raw captions dict, no K=36."""
+    import numpy as np
+    from test_import_export import _image, write_butd_tsv
+
+    from workers.interop.feature_import import ImportConfig, import_features
+
+    src = tmp_path / "trainval_36.tsv"
+    rng = np.random.default_rng(3)
+    write_butd_tsv(src, [_image(rng, 7, 2), _image(rng, 8, 3)])
+    import_features(str(src), str(tmp_path / "imported"), ImportConfig("butd-tsv", "features"))
+    assert cli.main(["inspect", str(tmp_path / "imported")]) == 0
+    text = capsys.readouterr().out
+    assert f"imported         butd-tsv from {src}" in text and "no detector ran" in text
+    assert "boxes            given (from the imported file)" in text
+    assert "captions         none (imported files carry no captions)" in text
+    for wrong in ("trained", "digest None", "K=", "{", "weights"):
+        assert wrong not in text, wrong
+
+
+@pytest.mark.parametrize(
+    ("selection", "expected"),
+    [
+        ({"mode": "given", "num_boxes": 36}, "boxes            given (from each sample's JSON)\n"),
+        ({"mode": "fixed", "num_boxes": 36}, "boxes            fixed (K=36)\n"),
+        (
+            {"mode": "adaptive", "num_boxes": 36, "min_boxes": 10, "max_boxes": 100, "conf_threshold": 0.2},
+            "boxes            adaptive (10-100 per image, confidence >= 0.2)\n",
+        ),
+    ],
+)
+def test_box_line_names_the_mode_numbers_that_apply(store: Path, selection: dict, expected: str) -> None:
+    from pipelines.inspect import format_report
+
+    report = inspect_store(str(store))
+    report.provenance["box_selection"] = selection
+    assert expected in format_report(report)
