@@ -5,8 +5,11 @@ manifest carries the object vocabulary, ``manifest["vocabularies"]["objects"]``,
 entry ``i``; else ``#id``) and its confidence.
 
 The store holds no pixels: the image is read from the input shard whose id is the row's ``shard``, found
-among ``--images`` (brace ranges allowed) or, without it, among the shard URLs the store's last extraction
-run recorded in its manifest. ``--out`` must end in ``.png``; its folder is created when missing (as
+among ``--images`` (brace ranges allowed) or, without it, at the source its done marker records (the URL
+the rows were extracted from, whichever run committed the shard); markers written before sources were
+recorded fall back to the shard URLs the store's last extraction run recorded in its manifest. The image is
+read with the extractor's reader (``ShardReader`` restricted to the key: the same grouping, gzip handling,
+decode and EXIF orientation), so the picture is the one the boxes were computed on. ``--out`` must end in ``.png``; its folder is created when missing (as
 ``regionflow export`` does); an existing file is refused unless ``--overwrite``. Exit codes: 0 written; 2 the
 key, shard or image cannot be found, the key repeats across shards and ``--shard`` is missing, or ``--out``
 is refused.
@@ -16,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,17 +30,9 @@ import pyarrow.compute as pc
 from pipelines.cli import ExitCode, fail
 from schemas.store import StoreSchemaError
 from workers.corpus.drawing import DrawingConfig, RegionLabel, class_name, draw_regions
-from workers.read.decode import decode_image
-from workers.read.reader import (
-    IMAGE_EXTENSIONS,
-    ReaderConfig,
-    ShardReadError,
-    expand_shard_urls,
-    open_shard_stream,
-    shard_id_of,
-    split_member_name,
-)
+from workers.read.reader import ReaderConfig, SampleError, ShardReader
 from workers.read.rejection import SampleRejected
+from workers.read.urls import ShardReadError, check_shard_urls, shard_id_of
 from workers.store import StoreReader
 
 log = logging.getLogger(__name__)
@@ -143,7 +137,7 @@ def recorded_shard_urls(manifest: dict[str, Any]) -> list[str] | None:
 def shard_url_for(shard: str, urls: list[str]) -> str:
     """The URL among ``urls`` (brace ranges expanded) whose shard id is ``shard``; raises VisualizeError."""
     try:
-        expanded = expand_shard_urls(urls)
+        expanded = check_shard_urls(urls)
     except ValueError as exc:
         raise VisualizeError(str(exc)) from exc
     for url in expanded:
@@ -152,22 +146,28 @@ def shard_url_for(shard: str, urls: list[str]) -> str:
     raise VisualizeError(f"none of the given shard URLs has shard id {shard!r} ({_preview(expanded)})")
 
 
-def read_image_bytes(url: str, key: str) -> bytes:
-    """Bytes of the image member of ``key`` in the tar at ``url`` (read sequentially; gzip allowed).
+def read_image(url: str, key: str, max_pixels: int) -> np.ndarray:
+    """The decoded image of ``key`` in the shard at ``url``: uint8 RGB ``[H, W, 3]``, EXIF orientation
+    applied, read with the extractor's reader (only that key's members are read and decoded).
 
     Raises:
-        VisualizeError: the shard has no image member for ``key``.
+        VisualizeError: the shard has no sample ``key``, or the sample is an error row there (its reason).
         ShardReadError: the shard cannot be opened.
     """
-    with open_shard_stream(url) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for info in tar:
-            parts = split_member_name(info.name)
-            if info.isreg() and parts and parts[0] == key and parts[1].rsplit(".", 1)[-1] in IMAGE_EXTENSIONS:
-                data = tar.extractfile(info)
-                assert data is not None  # a regular member always has data
-                return data.read()
-            tar.members = []  # type: ignore[attr-defined]  # stream mode: do not accumulate TarInfo objects
-    raise VisualizeError(f"shard {url} has no image member for key {key!r}")
+    config = ReaderConfig(captions="optional", max_pixels=max_pixels)
+    for item in ShardReader(url, config, keys=frozenset({key})):
+        if isinstance(item, SampleError):
+            raise VisualizeError(
+                f"sample {key!r} of {url} cannot be read: {item.reason.value}: {item.detail}"
+            )
+        return item.image_rgb
+    raise VisualizeError(f"shard {url} has no sample with key {key!r}")
+
+
+def source_url(store: StoreReader, shard: str) -> str | None:
+    """The input URL the shard's done marker records (None for markers written before sources were)."""
+    source = store.marker(shard).source
+    return source.url if source is not None else None
 
 
 def _labels(row: StoreRow, manifest: dict[str, Any]) -> list[RegionLabel]:
@@ -188,14 +188,19 @@ def render(args: argparse.Namespace) -> np.ndarray:
     """The drawn picture, uint8 RGB; raises ``VisualizeError`` naming what is missing."""
     store = StoreReader(args.store)
     row = find_row(store, args.key, args.shard)
-    urls = args.images or recorded_shard_urls(store.manifest)
-    if not urls:
-        raise VisualizeError(
-            f"the store records no input shard URLs: pass --images SHARD_URL (the shard {row.shard!r} holds "
-            f"key {row.key!r})"
-        )
-    url = shard_url_for(row.shard, urls)
-    image = decode_image(read_image_bytes(url, row.key), _max_pixels(store.manifest))
+    url = None if args.images else source_url(store, row.shard)
+    if url is None:
+        urls = args.images or recorded_shard_urls(store.manifest)
+        if not urls:
+            raise VisualizeError(
+                f"the store records no input shard URLs: pass --images SHARD_URL (the shard {row.shard!r} "
+                f"holds key {row.key!r})"
+            )
+        url = shard_url_for(row.shard, urls)
+    try:
+        image = read_image(url, row.key, _max_pixels(store.manifest))
+    except ShardReadError as exc:
+        raise VisualizeError(f"{exc} (if the shard moved, pass --images SHARD_URL)") from exc
     if image.shape[:2] != (row.height_px, row.width_px):
         raise VisualizeError(
             f"image {row.key!r} in {url} is {image.shape[1]}x{image.shape[0]} but the store row says "

@@ -44,6 +44,7 @@ def _png(grey: int, size: tuple[int, int] = (WIDTH, HEIGHT)) -> bytes:
 
 
 def _shard(path: Path, key: str, grey: int, size: tuple[int, int] = (WIDTH, HEIGHT)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
     write_tar(
         path,
         [
@@ -159,3 +160,29 @@ def test_draw_regions_validates_and_keeps_the_most_confident() -> None:
         draw_regions(image.astype(np.float32), boxes, labels)
     with pytest.raises(ValueError):
         DrawingConfig(scale=0)
+
+
+@pytest.mark.slow
+def test_store_of_two_extract_runs_finds_each_shard_from_its_marker(
+    tmp_path: Path, ray_session: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two extract runs into one store (shard a, then shard b): visualize finds a's image from a's done
+    marker, without --images (before: only the last run's URLs were searched, 'none of the given shard
+    URLs has shard id ...'). A shard moved away afterwards is a one-line error that names --images."""
+    store = tmp_path / "store"
+    shards = {
+        "a": _shard(tmp_path / "in1" / "a.tar", "ka", 40),
+        "b": _shard(tmp_path / "in2" / "b.tar", "kb", 200),
+    }
+    for shard in shards.values():
+        argv = ["extract", str(shard), "--out", str(store), "--config", "tiny", "--num-boxes", "2"]
+        assert cli_main([*argv, "--detector-threads", "1"]) == 0
+    capsys.readouterr()
+    for key, grey in (("ka", 40), ("kb", 200)):
+        out = tmp_path / f"{key}.png"
+        assert _visualize(str(store), key, "--out", str(out)) == 0, capsys.readouterr().err
+        picture = cv2.imread(str(out))
+        assert picture.shape == (HEIGHT, WIDTH, 3) and int(np.median(picture)) == grey
+    shards["a"].rename(tmp_path / "moved.tar")
+    assert _visualize(str(store), "ka", "--out", str(tmp_path / "x.png")) == 1
+    assert "pass --images SHARD_URL" in capsys.readouterr().err

@@ -39,14 +39,9 @@ errors) + sum(counts().members_ignored.values())``.
 
 from __future__ import annotations
 
-import gzip
-import io
-import tarfile
-import zlib
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-from typing import BinaryIO
 
 import numpy as np
 
@@ -59,8 +54,8 @@ from workers.read.captions import (
 )
 from workers.read.decode import OPENCV_MAX_PIXELS_ENV, decode_image, opencv_pixel_limit
 from workers.read.rejection import SampleRejected
+from workers.read.tarstream import TarDamage, TarEntry, iter_tar_entries
 from workers.read.urls import (  # noqa: F401  (ShardReadError, expand_shard_urls: re-exported)
-    STREAM_BUFFER_BYTES,
     ShardReadError,
     expand_shard_urls,
     open_shard_stream,
@@ -74,8 +69,6 @@ UNSAFE_EXTENSIONS = frozenset(
     {"pyd", "pickle", "pkl", "pth", "pt", "ckpt", "bin", "npy", "npz", "joblib", "torch", "mp", "msgpack"}
 )
 CAPTION_MODES = ("required", "optional")
-GZIP_MAGIC = b"\x1f\x8b"
-TAIL_BYTES = 8 * tarfile.RECORDSIZE  # uncompressed bytes kept to inspect where the tar stream stopped
 
 _IMAGE, _TEXT, _JSON = "image", "text", "json"
 
@@ -205,191 +198,29 @@ class _Group:
     non_adjacent: bool = False
 
 
-@dataclass(frozen=True)
-class _TarEntry:
-    """A member from the tar stream: ``data`` is ``None`` for non-regular members or unread ones."""
-
-    name: str
-    regular: bool
-    data: bytes | None
-
-
-@dataclass(frozen=True)
-class _TarDamage:
-    """The stream is damaged; ``name`` is the member being read when it was found (``None``: a header)."""
-
-    name: str | None
-    detail: str
-
-
-class _TailRecorder(io.RawIOBase):
-    """Pass-through reader that remembers the last ``TAIL_BYTES`` bytes and how many bytes it returned."""
-
-    def __init__(self, source: io.RawIOBase | io.BufferedIOBase) -> None:
-        super().__init__()
-        self._source = source
-        self.total = 0
-        self.tail = bytearray()
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        chunk = self._source.read(size)
-        self.total += len(chunk)
-        self.tail += chunk
-        if len(self.tail) > TAIL_BYTES:
-            del self.tail[: len(self.tail) - TAIL_BYTES]
-        return chunk
-
-    def block_at(self, offset: int) -> bytes | None:
-        """The (up to 512) bytes at stream ``offset``, or ``None`` when no longer remembered."""
-        start = offset - (self.total - len(self.tail))
-        if start < 0:
-            return None
-        return bytes(self.tail[start : start + tarfile.BLOCKSIZE])
-
-
-def _decompressed(raw: BinaryIO) -> io.RawIOBase | io.BufferedIOBase:
-    """Gzip is detected from the magic bytes, not the file name; anything else is read as a plain tar."""
-    head = raw.read(len(GZIP_MAGIC))
-    prefixed = io.BufferedReader(_Prefixed(head, raw), buffer_size=STREAM_BUFFER_BYTES)
-    if head == GZIP_MAGIC:
-        return _GzipChunks(gzip.GzipFile(fileobj=prefixed, mode="rb"))
-    return prefixed
-
-
-class _GzipChunks(io.RawIOBase):
-    """Gzip data as far as it decompresses. ``GzipFile.read(n)`` drops what it decompressed when the
-    compressed data ends early or is corrupt; this returns that data, then reports end of data and keeps
-    the error in ``error``, so ``tarfile`` sees a truncated tar and the samples before the damage are
-    kept."""
-
-    def __init__(self, source: gzip.GzipFile) -> None:
-        super().__init__()
-        self._source = source
-        self.error: BaseException | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def read(self, size: int = -1) -> bytes:
-        if self.error is not None:
-            return b""
-        parts, wanted = [], size if size >= 0 else 1 << 62
-        try:
-            while wanted > 0:
-                chunk = self._source.read1(min(wanted, STREAM_BUFFER_BYTES))
-                if not chunk:
-                    break
-                parts.append(chunk)
-                wanted -= len(chunk)
-        except _DAMAGE_ERRORS as exc:
-            self.error = exc
-        return b"".join(parts)
-
-
-class _Prefixed(io.RawIOBase):
-    """``prefix`` then the rest of ``source`` (undoes a peek on a non-seekable stream)."""
-
-    def __init__(self, prefix: bytes, source: BinaryIO) -> None:
-        super().__init__()
-        self._prefix, self._source = prefix, source
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: memoryview) -> int:  # type: ignore[override]
-        if self._prefix:
-            n = min(len(buffer), len(self._prefix))
-            buffer[:n] = self._prefix[:n]
-            self._prefix = self._prefix[n:]
-            return n
-        chunk = self._source.read(len(buffer))
-        buffer[: len(chunk)] = chunk
-        return len(chunk)
-
-
-# Exceptions that mean "this tar stream is damaged" (truncated plain or gzip data, corrupt gzip).
-_DAMAGE_ERRORS = (tarfile.ReadError, EOFError, zlib.error, gzip.BadGzipFile)
-
-
-def iter_tar_entries(
-    stream: BinaryIO, url: str, wanted: Callable[[str], bool]
-) -> Iterator[_TarEntry | _TarDamage]:
-    """Every member of a tar stream in order; data read only for regular members ``wanted(name)`` accepts.
-
-    Ends with one ``_TarDamage`` if the stream is damaged. Raises ``ShardReadError`` if the stream is
-    not a tar at all (first header unreadable) or on I/O errors.
-    """
-    source = _decompressed(stream)
-    recorder = _TailRecorder(source)
-    try:
-        tar = tarfile.open(fileobj=recorder, mode="r|", encoding="utf-8", errors="surrogateescape")
-    except _DAMAGE_ERRORS as exc:
-        raise ShardReadError(
-            f"shard {url} is not a readable tar: {_with_gzip_error(str(exc), source)}"
-        ) from exc
-    name: str | None = None
-    try:
-        for info in tar:
-            name = info.name
-            data = None
-            if info.isreg() and wanted(name):
-                extracted = tar.extractfile(info)
-                assert extracted is not None, "isreg() members always extract"
-                data = extracted.read()
-            yield _TarEntry(name=name, regular=info.isreg(), data=data)
-            name = None
-            tar.members = []  # type: ignore[attr-defined]  # stream mode: do not accumulate TarInfo
-    except _DAMAGE_ERRORS as exc:
-        detail = f"tar stream damaged at byte {tar.offset}: {exc}"
-        yield _TarDamage(name=name, detail=_with_gzip_error(detail, source))
-        return
-    except OSError as exc:
-        raise ShardReadError(f"I/O error reading shard {url}: {exc}") from exc
-    damage = _end_of_stream_damage(recorder, tar.offset)
-    if damage is not None:
-        yield _TarDamage(name=None, detail=_with_gzip_error(damage.detail, source))
-
-
-def _with_gzip_error(detail: str, source: object) -> str:
-    error = getattr(source, "error", None)
-    return detail if error is None else f"{detail} (gzip: {error})"
-
-
-def _end_of_stream_damage(recorder: _TailRecorder, offset: int) -> _TarDamage | None:
-    """``tarfile`` ends iteration silently at an invalid header or at the end of data; tell those apart
-    from a proper end-of-archive (zero) block."""
-    block = recorder.block_at(offset)
-    assert block is not None, "tail recorder too short for tarfile's read-ahead"
-    if len(block) < tarfile.BLOCKSIZE:
-        return _TarDamage(
-            name=None, detail=f"tar stream ends at byte {offset} without an end-of-archive block"
-        )
-    if block.count(0) != tarfile.BLOCKSIZE:
-        return _TarDamage(name=None, detail=f"invalid tar header at byte {offset}")
-    return None
-
-
-def _wanted(name: str) -> bool:
+def _wanted(name: str, keys: frozenset[str] | None) -> bool:
     split = split_member_name(name)
-    return split is not None and not isinstance(member_role(split[1]), IgnoredReason)
+    if split is None or isinstance(member_role(split[1]), IgnoredReason):
+        return False
+    return keys is None or shown_member_name(split[0]) in keys
 
 
 class ShardReader:
     """Iterate one shard's samples in source order, streaming (one sample's members held at a time).
 
     Yields ``DecodedSample`` or ``SampleError`` (module docstring: rules). ``counts()`` is valid once the
-    iteration has finished.
+    iteration has finished. With ``keys``, only the samples of those keys are read, decoded and yielded
+    (the other members are skipped without reading their data; ``counts()`` is then not the shard's
+    accounting): how ``regionflow visualize`` finds one image with the same rules as ``extract``.
 
     Raises (from iteration):
         ShardReadError: the shard cannot be opened, is not a tar, or an I/O error occurs.
     """
 
-    def __init__(self, url: str, config: ReaderConfig) -> None:
+    def __init__(self, url: str, config: ReaderConfig, keys: frozenset[str] | None = None) -> None:
         self.url = url
         self.config = config
+        self.keys = keys
         self.shard_id = shard_id_of(url)
         self._counts = MemberCounts()
         self._ignored: Counter[str] = Counter()
@@ -409,16 +240,17 @@ class ShardReader:
         self._counts, self._ignored, self._finished = MemberCounts(), Counter(), False
         stream = open_shard_stream(self.url)
         try:
-            yield from self._samples(iter_tar_entries(stream, self.url, _wanted))
+            entries = iter_tar_entries(stream, self.url, lambda name: _wanted(name, self.keys))
+            yield from self._samples(entries)
         finally:
             stream.close()
         self._finished = True
 
-    def _samples(self, entries: Iterator[_TarEntry | _TarDamage]) -> Iterator[DecodedSample | SampleError]:
+    def _samples(self, entries: Iterator[TarEntry | TarDamage]) -> Iterator[DecodedSample | SampleError]:
         group: _Group | None = None
         closed_keys: set[str] = set()
         for entry in entries:
-            if isinstance(entry, _TarDamage):
+            if isinstance(entry, TarDamage):
                 yield from self._damaged(group, entry)
                 return
             self._counts.members += 1
@@ -429,14 +261,18 @@ class ShardReader:
             if group is None or group.key != key:
                 if group is not None:
                     closed_keys.add(group.key)
-                    yield self._finish(group)
+                    yield from self._finish_selected(group)
                 group = _Group(key=key, non_adjacent=key in closed_keys)
             if member.role:
                 group.members.append(member)
         if group is not None:
+            yield from self._finish_selected(group)
+
+    def _finish_selected(self, group: _Group) -> Iterator[DecodedSample | SampleError]:
+        if self.keys is None or group.key in self.keys:
             yield self._finish(group)
 
-    def _classify(self, entry: _TarEntry) -> _Member | None:
+    def _classify(self, entry: TarEntry) -> _Member | None:
         """Count an ignored member; return ``None`` for one without a key (not a file, no extension),
         else the member with its role (role ``""``: ignored, but it still opens or continues its key's
         group, as in webdataset's grouping)."""
@@ -453,10 +289,11 @@ class ShardReader:
         if isinstance(role, IgnoredReason):
             self._ignored[role.value] += 1
             return _Member(name=name, key=key, role="", data=b"", key_not_utf8=key_not_utf8)
-        assert entry.data is not None
+        if entry.data is None:  # a key not selected (``keys``): grouped, never built
+            return _Member(name=name, key=key, role=role, data=b"", key_not_utf8=key_not_utf8)
         return _Member(name=name, key=key, role=role, data=entry.data, key_not_utf8=key_not_utf8)
 
-    def _damaged(self, group: _Group | None, damage: _TarDamage) -> Iterator[SampleError | DecodedSample]:
+    def _damaged(self, group: _Group | None, damage: TarDamage) -> Iterator[SampleError | DecodedSample]:
         """The sample cut by stream damage becomes a ``tar_truncated`` error row (with the cut member).
 
         Damage found at a header (``damage.name is None``) cuts the group being read (it may have lost
