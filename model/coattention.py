@@ -17,6 +17,14 @@ import torch.nn.functional as F
 from torch import nn
 
 LAYER_NORM_EPS = 1e-12  # BERT's
+# Additive score of a padded key, as BERT and vilbert-multi-task (``(1 - mask) * -10000``): exp(-10000) is 0 in
+# float32, and a row without any real key attends uniformly instead of giving NaN.
+MASK_VALUE = -10000.0
+
+
+def additive_key_mask(key_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """bool ``[B, T_k]`` (True = real key) -> additive ``[B, 1, 1, T_k]`` of ``dtype``: 0 real, `MASK_VALUE` padded."""
+    return torch.where(key_mask, 0.0, MASK_VALUE).to(dtype)[:, None, None, :]
 
 
 def attention_core(
@@ -27,12 +35,12 @@ def attention_core(
     Args:
         q: float ``[B, heads, T_q, d_h]`` queries.
         k, v: float ``[B, heads, T_k, d_h]`` keys and values.
-        key_mask: bool ``[B, T_k]``, True = real key. Every row needs at least one real key (else NaN).
+        key_mask: bool ``[B, T_k]``, True = real key; padded keys get the additive `MASK_VALUE` (-10000).
         dropout_p: attention-probability dropout (pass 0.0 in eval).
     Returns:
-        float ``[B, heads, T_q, d_h]``: softmax(q k^T / sqrt(d_h)) v over the real keys.
+        float ``[B, heads, T_q, d_h]``: softmax(q k^T / sqrt(d_h) + mask) v, i.e. over the real keys.
     """
-    attn_mask = key_mask[:, None, None, :]  # (B, 1, 1, T_k), broadcast over heads and queries
+    attn_mask = additive_key_mask(key_mask, q.dtype)  # (B, 1, 1, T_k), broadcast over heads and queries
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 
 

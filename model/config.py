@@ -14,8 +14,17 @@ from typing import Any
 FUSIONS = ("product", "concat")
 TEXT_INITS = ("pretrained", "random")
 MRM_REGRESSION_LOSSES = ("mse", "smooth_l1")
+VISUAL_EMBEDDING_NORMS = ("separate", "joint")
+MATCH_OUTPUTS = (1, 2)
 NUM_DETECTOR_CLASSES = 1601  # bottom-up attention: 1600 Visual Genome classes + background
 LOCATION_DIM = 5  # [x1/W, y1/H, x2/W, y2/H, area/(W*H)]
+# 12-in-1 task-token ids of regionflow's tasks (vilbert-multi-task ``vilbert_tasks.yml``: TASK1 VQA,
+# TASK7 RetrievalCOCO); used only when ``ModelConfig.num_task_tokens > 0``. Pretraining and captioning were
+# not 12-in-1 tasks: they get no task token.
+TASK_TOKEN_IDS = {"vqa": 1, "retrieval": 7}
+# vilbert-multi-task ``config/bert_base_6layer_6conect.json``: co-attention before text layers 6..11
+# (t_biattention_id), i.e. after text layers 5..10, and before visual layers 0..5 (v_biattention_id).
+VILBERT_BASE_CO_LAYERS_AFTER = (5, 6, 7, 8, 9, 10)
 
 
 @dataclass(frozen=True)
@@ -38,12 +47,20 @@ class ModelConfig:
         visual_layers (int, 3): visual TRM layers. As in ViLBERT, visual layer j runs right after Co-TRM block j;
             layers beyond the number of blocks run before the first block.
         visual_heads (int, 8), visual_intermediate (int, 1024): visual TRM heads and feed-forward size.
+        visual_embedding_norm (str, "separate"): "separate" = ``LayerNorm(Linear(features)) +
+            LayerNorm(Linear(location))``; "joint" = vilbert-multi-task's ``BertImageEmbeddings``, one LayerNorm
+            over ``Linear(features) + Linear(location)`` (needed for the released weights).
     Co-attention:
         co_hidden (int, 1024): size the co-attention projections map both streams into.
         co_heads (int, 8): co-attention heads (``co_hidden % co_heads == 0``).
     Fusion and heads:
         fusion (str, "product"): pooled text x pooled image, "product" (ViLBERT) or "concat" (+ linear projection).
         num_answers (int, 0): VQA answer vocabulary size; 0 = no VQA head.
+        match_outputs (int, 1): outputs of the matching head. 1 = one logit; 2 = vilbert-multi-task's
+            ``bi_seq_relationship`` (2-way softmax, index 0 = match), whose logit is ``s_match - s_mismatch``.
+        num_task_tokens (int, 0): 12-in-1 task embeddings (vilbert-multi-task ``task_specific_tokens``: 20);
+            when > 0 the task's embedding is inserted at text position 1, before the embedding LayerNorm,
+            without shifting the tokens' positions (see `TASK_TOKEN_IDS`).
         num_region_classes (int, 1601): detector classes predicted by masked region modelling (KL target).
         caption_decoder_layers (int, 2): transformer decoder layers of the caption head; 0 = no caption head.
         caption_decoder_heads (int, 6): decoder heads (the decoder works at the text hidden size).
@@ -76,10 +93,13 @@ class ModelConfig:
     visual_layers: int = 3
     visual_heads: int = 8
     visual_intermediate: int = 1024
+    visual_embedding_norm: str = "separate"
     co_hidden: int = 1024
     co_heads: int = 8
     fusion: str = "product"
     num_answers: int = 0
+    match_outputs: int = 1
+    num_task_tokens: int = 0
     num_region_classes: int = NUM_DETECTOR_CLASSES
     caption_decoder_layers: int = 2
     caption_decoder_heads: int = 6
@@ -125,6 +145,16 @@ class ModelConfig:
     def _check_values(self) -> None:
         _require(self.text_init in TEXT_INITS, f"text_init must be one of {TEXT_INITS}")
         _require(self.fusion in FUSIONS, f"fusion must be one of {FUSIONS}")
+        _require(
+            self.visual_embedding_norm in VISUAL_EMBEDDING_NORMS,
+            f"visual_embedding_norm must be one of {VISUAL_EMBEDDING_NORMS}",
+        )
+        _require(self.match_outputs in MATCH_OUTPUTS, f"match_outputs must be one of {MATCH_OUTPUTS}")
+        _require(self.num_task_tokens >= 0, "num_task_tokens must be >= 0")
+        _require(
+            self.num_task_tokens == 0 or self.num_task_tokens > max(TASK_TOKEN_IDS.values()),
+            f"num_task_tokens must be 0 or > {max(TASK_TOKEN_IDS.values())} (TASK_TOKEN_IDS)",
+        )
         _require(self.mrm_regression in MRM_REGRESSION_LOSSES, f"mrm_regression in {MRM_REGRESSION_LOSSES}")
         _require(self.num_text_layers >= 1, "num_text_layers must be >= 1")
         co = self.co_layers_after
@@ -199,6 +229,42 @@ class ModelConfig:
             caption_decoder_heads=2,
             max_caption_tokens=36,
             dropout=0.0,
+        )
+        values.update(overrides)
+        return cls(**values)
+
+    @classmethod
+    def vilbert_base(cls, text_checkpoint: str, feature_dim: int = 2048, **overrides: Any) -> ModelConfig:
+        """Exactly vilbert-multi-task's ``config/bert_base_6layer_6conect.json`` (the released checkpoints').
+
+        Text: the 12 layers of 768 of the HF BERT directory ``text_checkpoint`` (laid out like
+        bert-base-uncased: ``config.json``, ``vocab.txt``, weights). Visual: 6 layers of 1024, 8 heads,
+        intermediate 1024, joint embedding LayerNorm. Co-attention: 6 blocks after text layers 5..10 (their
+        ``t_biattention_id`` 6..11) and before visual layers 0..5, 1024 wide, 8 heads. Product fusion, 1601
+        region classes, 2-way matching head. No caption decoder (the release has none; pass
+        ``caption_decoder_layers=2, caption_decoder_heads=12`` to train one). Raises ``ValueError`` for an empty
+        ``text_checkpoint`` (the packaged MiniLM is 6 x 384, not BERT-base).
+        """
+        if not text_checkpoint:
+            raise ValueError("ModelConfig.vilbert_base needs a bert-base-uncased-like text directory")
+        values: dict[str, Any] = dict(
+            text_checkpoint=text_checkpoint,
+            text_init="pretrained",
+            num_text_layers=12,
+            co_layers_after=VILBERT_BASE_CO_LAYERS_AFTER,
+            feature_dim=feature_dim,
+            visual_hidden=1024,
+            visual_layers=6,
+            visual_heads=8,
+            visual_intermediate=1024,
+            visual_embedding_norm="joint",
+            co_hidden=1024,
+            co_heads=8,
+            fusion="product",
+            match_outputs=2,
+            num_region_classes=NUM_DETECTOR_CLASSES,
+            caption_decoder_layers=0,
+            dropout=0.1,
         )
         values.update(overrides)
         return cls(**values)

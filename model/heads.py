@@ -40,7 +40,11 @@ class MLMHead(nn.Module):
 class RegionHead(nn.Module):
     """Masked region modelling (ViLBERT): from visual states ``[B, N, visual_hidden]`` predict the detector's
     class distribution (logits ``[B, N, num_classes]``, for the KL target) and the region feature
-    (``[B, N, feature_dim]``, for the regression target when the store has no class distribution)."""
+    (``[B, N, feature_dim]``, for the regression target when the store has no class distribution).
+
+    The transform is ``Linear -> GELU -> LayerNorm`` as vilbert-multi-task's ``BertImgPredictionHeadTransform``,
+    whose activation is the *text* stream's ``hidden_act`` (GELU in every released config); ``class_logits`` is
+    its ``cls.imagePredictions.decoder``; ``feature`` has no counterpart there."""
 
     def __init__(self, visual_hidden: int, num_classes: int, feature_dim: int) -> None:
         super().__init__()
@@ -55,21 +59,32 @@ class RegionHead(nn.Module):
 
 
 class MatchHead(nn.Module):
-    """Image–text matching logit from the fused vector: ``[B, co_hidden] -> [B]`` (ViLBERT's alignment head,
-    one logit for a sigmoid instead of two for a softmax)."""
+    """Image–text matching logit from the fused vector: ``[B, co_hidden] -> [B]`` (ViLBERT's alignment head).
 
-    def __init__(self, co_hidden: int, dropout: float) -> None:
+    ``outputs=1``: one logit for a sigmoid. ``outputs=2``: vilbert-multi-task's ``cls.bi_seq_relationship``,
+    two scores for a softmax (index 0 = the caption belongs to the image, as its Conceptual Captions loader's
+    ``is_next`` label 0); the returned logit is ``s_0 - s_1``, whose sigmoid equals the softmax's match
+    probability, so the same binary loss trains both.
+    """
+
+    def __init__(self, co_hidden: int, dropout: float, outputs: int = 1) -> None:
         super().__init__()
+        if outputs not in (1, 2):
+            raise ValueError(f"MatchHead outputs must be 1 or 2, got {outputs}")
         self.dropout = nn.Dropout(dropout)
-        self.score = nn.Linear(co_hidden, 1)
+        self.score = nn.Linear(co_hidden, outputs)
 
     def forward(self, fused: torch.Tensor) -> torch.Tensor:
-        return self.score(self.dropout(fused)).squeeze(-1)
+        scores = self.score(self.dropout(fused))  # (B, outputs)
+        if scores.shape[-1] == 2:
+            return scores[..., 0] - scores[..., 1]
+        return scores.squeeze(-1)
 
 
 class VQAHead(nn.Module):
-    """ViLBERT's VQA classifier ``Linear(d, 2d) -> GELU -> LayerNorm -> Dropout -> Linear(2d, A)``:
-    fused ``[B, co_hidden]`` -> answer logits ``[B, num_answers]``."""
+    """ViLBERT's VQA classifier ``Linear(d, 2d) -> GELU (exact erf) -> LayerNorm (eps 1e-12) -> Dropout ->
+    Linear(2d, A)``: fused ``[B, co_hidden]`` -> answer logits ``[B, num_answers]`` (vilbert-multi-task
+    ``SimpleClassifier`` ``vil_prediction``; it has no dropout there, and ours is off in eval)."""
 
     def __init__(self, co_hidden: int, num_answers: int, dropout: float) -> None:
         super().__init__()

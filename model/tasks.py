@@ -15,7 +15,7 @@ from torch import nn
 
 from model import losses
 from model.batch import Batch
-from model.config import ModelConfig
+from model.config import TASK_TOKEN_IDS, ModelConfig
 from model.heads import CaptionDecoder, MatchHead, MLMHead, RegionHead, VQAHead
 from model.vilbert import TwoStreamModel, TwoStreamOutput, init_weights
 
@@ -146,7 +146,7 @@ class TaskModel(nn.Module):
         word_embeddings = self.encoder.word_embeddings
         self.mlm_head = MLMHead(word_embeddings)
         self.region_head = RegionHead(config.visual_hidden, config.num_region_classes, config.feature_dim)
-        self.match_head = MatchHead(config.co_hidden, config.dropout)
+        self.match_head = MatchHead(config.co_hidden, config.dropout, config.match_outputs)
         self.vqa_head = (
             VQAHead(config.co_hidden, config.num_answers, config.dropout) if config.num_answers else None
         )
@@ -180,8 +180,12 @@ class TaskModel(nn.Module):
 
     # ---- encoder entry points -------------------------------------------------------------------------------
 
-    def encode(self, batch: Batch, cross: bool = True) -> TwoStreamOutput:
-        """Run the two-stream encoder on ``batch`` (``cross=False``: unimodal pass, see `TwoStreamModel`)."""
+    def encode(self, batch: Batch, cross: bool = True, task: str | None = None) -> TwoStreamOutput:
+        """Run the two-stream encoder on ``batch`` (``cross=False``: unimodal pass, see `TwoStreamModel`).
+
+        ``task`` picks the 12-in-1 task token (`model.config.TASK_TOKEN_IDS`) when the model has task tokens.
+        """
+        task_id = TASK_TOKEN_IDS.get(task or "") if self.config.num_task_tokens else None
         return self.encoder(
             batch.features,
             batch.boxes_xyxy_px,
@@ -190,17 +194,18 @@ class TaskModel(nn.Module):
             batch.input_ids,
             batch.token_mask,
             cross=cross,
+            task_id=task_id,
         )
 
     def match_logits(self, batch: Batch) -> torch.Tensor:
         """Image–text matching logit float32 ``[B]`` of each (image, text) row; the retrieval score."""
-        return self.match_head(self.encode(batch).fused).float()
+        return self.match_head(self.encode(batch, task="retrieval").fused).float()
 
     def pooled(self, batch: Batch) -> PooledOutput:
         """Unimodal, L2-normalised pooled vectors ``[B, co_hidden]``: text from the text stream alone, image from
         the visual stream alone (Co-TRM blocks skipped), so ``pooled_text @ pooled_visual.T`` scores every pair
         at the cost of one pass per side. Meaningful once trained with ``contrastive_weight > 0``."""
-        out = self.encode(batch, cross=False)
+        out = self.encode(batch, cross=False, task="retrieval")
         return PooledOutput(
             pooled_text=F.normalize(out.pooled_text.float(), dim=-1),
             pooled_visual=F.normalize(out.pooled_visual.float(), dim=-1),
@@ -213,7 +218,7 @@ class TaskModel(nn.Module):
         """
         if self.vqa_head is None:
             raise ValueError("this model has no VQA head (ModelConfig.num_answers=0)")
-        return self.vqa_head(self.encode(batch).fused).float()
+        return self.vqa_head(self.encode(batch, task="vqa").fused).float()
 
     @torch.no_grad()
     def generate_captions(self, batch: Batch, max_tokens: int, beam_size: int = 1) -> list[list[int]]:

@@ -3,7 +3,10 @@ Co-TRM blocks after configured text layers, and pooled + fused outputs.
 
 Schedule (``co_layers_after = (i_0, i_1, ...)``): text layers run in order and Co-TRM block k runs right after
 text layer i_k; visual layer k runs right after Co-TRM block k (ViLBERT's "Co-TRM then TRM"), and visual layers
-beyond the number of blocks run before the first block.
+beyond the number of blocks run before the first block. In vilbert-multi-task's terms (``BertEncoder``), block k
+runs before text layer ``t_biattention_id[k] = i_k + 1`` and before visual layer ``v_biattention_id[k] =
+(visual_layers - blocks) + k``; text and visual layers between two blocks do not read each other, so their order
+there does not matter.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import BertConfig, BertModel
 
-from model.coattention import LAYER_NORM_EPS, CoTransformerBlock, TransformerLayer
+from model.coattention import LAYER_NORM_EPS, MASK_VALUE, CoTransformerBlock, TransformerLayer
 from model.config import LOCATION_DIM, ModelConfig
 from model.text_checkpoint import resolve_text_checkpoint
 
@@ -27,7 +30,8 @@ class TwoStreamOutput:
     """Encoder outputs.
 
     Attributes:
-        text_states: float32 ``[B, T, text_hidden]`` (index 0: ``[CLS]``).
+        text_states: float32 ``[B, T, text_hidden]`` (index 0: ``[CLS]``), aligned with ``input_ids``: a
+            12-in-1 task token's state (position 1 inside the encoder) is not included.
         visual_states: float32 ``[B, 1 + N, visual_hidden]`` (index 0: the global image region).
         visual_mask: bool ``[B, 1 + N]``, True = real region (the global region is always real).
         pooled_text: float32 ``[B, co_hidden]`` = ReLU(Linear([CLS] state)).
@@ -61,18 +65,27 @@ def region_locations(boxes_xyxy_px: torch.Tensor, image_size_px: torch.Tensor) -
 
 
 class VisualEmbedding(nn.Module):
-    """Region features and their locations, each ``Linear + LayerNorm``, summed; a global image region prepended.
+    """Region features and their 5-d locations embedded, with a global image region prepended.
 
-    The global region's feature is the mean of the real regions' features and its box is the whole image.
-    Padded regions are zeroed first, so whatever they hold never reaches a real region.
+    ``visual_embedding_norm="separate"``: ``LayerNorm(Linear(features)) + LayerNorm(Linear(location))``;
+    ``"joint"``: ``LayerNorm(Linear(features) + Linear(location))`` (vilbert-multi-task ``BertImageEmbeddings``).
+    The global region (slot 0) is the mean feature of the real regions with the whole-image box, location
+    ``[0, 0, 1, 1, 1]`` (as vilbert-multi-task's ``ImageFeaturesH5Reader``; its Conceptual Captions pretraining
+    loader divides the sum by another count). Padded regions are zeroed first, so whatever they hold never
+    reaches a real region.
     """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.feature = nn.Linear(config.feature_dim, config.visual_hidden)
-        self.feature_norm = nn.LayerNorm(config.visual_hidden, eps=LAYER_NORM_EPS)
-        self.location = nn.Linear(LOCATION_DIM, config.visual_hidden)
-        self.location_norm = nn.LayerNorm(config.visual_hidden, eps=LAYER_NORM_EPS)
+        joint = config.visual_embedding_norm == "joint"
+        hidden = config.visual_hidden
+        # Registration order (feature, feature_norm, location, location_norm) kept from before "joint" existed:
+        # it fixes the random init draws and the optimizer's parameter order of existing runs.
+        self.feature = nn.Linear(config.feature_dim, hidden)
+        self.feature_norm = None if joint else nn.LayerNorm(hidden, eps=LAYER_NORM_EPS)
+        self.location = nn.Linear(LOCATION_DIM, hidden)
+        self.location_norm = None if joint else nn.LayerNorm(hidden, eps=LAYER_NORM_EPS)
+        self.norm = nn.LayerNorm(hidden, eps=LAYER_NORM_EPS) if joint else None
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(
@@ -98,7 +111,13 @@ class VisualEmbedding(nn.Module):
         boxes = torch.cat([global_box[:, None], boxes], dim=1)  # (B, 1 + N, 4)
         mask = torch.cat([torch.ones_like(region_mask[:, :1]), region_mask], dim=1)
         locations = region_locations(boxes, image_size_px)
-        embedded = self.feature_norm(self.feature(features)) + self.location_norm(self.location(locations))
+        if self.norm is not None:
+            embedded = self.norm(self.feature(features) + self.location(locations))
+        else:
+            assert self.feature_norm is not None and self.location_norm is not None
+            embedded = self.feature_norm(self.feature(features)) + self.location_norm(
+                self.location(locations)
+            )
         return self.dropout(embedded), mask
 
 
@@ -189,6 +208,12 @@ class TwoStreamModel(nn.Module):
         self.visual_pooler.apply(init_weights)
         if self.fusion is not None:
             self.fusion.apply(init_weights)
+        # 12-in-1 task tokens (vilbert-multi-task ``BertEmbeddings.task_embeddings``); created last so that
+        # configs without them draw the same initial weights as before they existed.
+        self.task_embeddings: nn.Embedding | None = None
+        if config.num_task_tokens:
+            self.task_embeddings = nn.Embedding(config.num_task_tokens, self.text_hidden)
+            init_weights(self.task_embeddings)
 
     @property
     def word_embeddings(self) -> nn.Embedding:
@@ -204,15 +229,19 @@ class TwoStreamModel(nn.Module):
         input_ids: torch.Tensor,
         token_mask: torch.Tensor,
         cross: bool = True,
+        task_id: int | None = None,
     ) -> TwoStreamOutput:
         """Encode regions (``features [B, N, D]``, boxes xyxy px, image size, ``region_mask``) and tokens
         (``input_ids [B, T]``, ``token_mask``); see `model.batch.Batch` for the conventions.
 
         ``cross=False`` skips every Co-TRM block: a unimodal pass whose pooled text does not depend on the image
-        nor pooled image on the text (the cheap first-stage retrieval encoders).
+        nor pooled image on the text (the cheap first-stage retrieval encoders). ``task_id`` selects the 12-in-1
+        task token (`model.config.TASK_TOKEN_IDS`) of a model with ``num_task_tokens > 0`` (None: no task token, e.g.
+        pre-training); a ``task_id`` for a model without task tokens raises ``ValueError``.
         """
         visual, visual_mask = self.visual_embedding(features, boxes_xyxy_px, image_size_px, region_mask)
-        text = self.bert.embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids))
+        text, token_mask = self._embed_text(input_ids, token_mask, task_id)
+        has_task_token = task_id is not None
         text_bias = self._additive_mask(token_mask, text.dtype)  # (B, 1, 1, T)
         num_early_visual = max(0, len(self.visual_layers) - len(self.co_blocks))
         for layer in self.visual_layers[:num_early_visual]:
@@ -227,12 +256,39 @@ class TwoStreamModel(nn.Module):
                 if num_early_visual + block < len(self.visual_layers):
                     visual = self.visual_layers[num_early_visual + block](visual, visual_mask)
                 block += 1
+        if has_task_token:
+            text = torch.cat([text[:, :1], text[:, 2:]], dim=1)  # drop the task token: aligned with input_ids
         return self._pool(text, visual, visual_mask)
+
+    def _embed_text(
+        self, input_ids: torch.Tensor, token_mask: torch.Tensor, task_id: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """BERT embeddings ``[B, T, text_hidden]`` and the token mask; with a task token ``[B, 1 + T, ...]``.
+
+        The 12-in-1 path follows vilbert-multi-task's ``BertEmbeddings``: word + position + token-type
+        embeddings of the T tokens (positions 0..T-1), the task embedding inserted at index 1 (no position or
+        type embedding of its own, no shift of the tokens' positions), then the embedding LayerNorm and dropout.
+        """
+        embeddings = self.bert.embeddings
+        if task_id is None:
+            return embeddings(input_ids=input_ids, token_type_ids=torch.zeros_like(input_ids)), token_mask
+        if self.task_embeddings is None:
+            raise ValueError("task_id given but this model has no task tokens (num_task_tokens=0)")
+        if not 0 <= task_id < self.config.num_task_tokens:
+            raise ValueError(f"task_id must be in [0, {self.config.num_task_tokens}), got {task_id!r}")
+        b, t = input_ids.shape
+        positions = torch.arange(t, device=input_ids.device)
+        x = embeddings.word_embeddings(input_ids) + embeddings.position_embeddings(positions)[None]
+        x = x + embeddings.token_type_embeddings(torch.zeros_like(input_ids))
+        task = self.task_embeddings(torch.full((b, 1), task_id, dtype=torch.long, device=input_ids.device))
+        x = torch.cat([x[:, :1], task, x[:, 1:]], dim=1)  # (B, 1 + T, text_hidden)
+        mask = torch.cat([token_mask[:, :1], torch.ones_like(token_mask[:, :1]), token_mask[:, 1:]], dim=1)
+        return embeddings.dropout(embeddings.LayerNorm(x)), mask
 
     @staticmethod
     def _additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """bool ``[B, T]`` -> additive ``[B, 1, 1, T]`` (0 real, dtype min padded), BERT's layer mask format."""
-        return torch.where(mask, 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
+        """bool ``[B, T]`` -> additive ``[B, 1, 1, T]`` (0 real, -10000 padded), BERT's layer mask format."""
+        return torch.where(mask, 0.0, MASK_VALUE).to(dtype)[:, None, None, :]
 
     def _pool(self, text: torch.Tensor, visual: torch.Tensor, visual_mask: torch.Tensor) -> TwoStreamOutput:
         pooled_text = F.relu(self.text_pooler(text[:, 0]))  # (B, co_hidden) from [CLS]

@@ -113,3 +113,15 @@ def test_block_gradients_reach_both_streams():
 def test_hidden_must_divide_heads():
     with pytest.raises(ValueError, match="multiple of heads"):
         MultiHeadAttention(8, 8, 10, 3, dropout=0.0)
+
+
+def test_masked_keys_get_minus_10000_like_vilbert():
+    """Padded keys are masked additively with -10000 (BERT / vilbert-multi-task): a row whose keys are all
+    padded attends uniformly over them instead of giving NaN (a boolean mask gives NaN there)."""
+    q, k = torch.randn(1, 1, 2, 4), torch.randn(1, 1, 3, 4)
+    v = torch.randn(1, 1, 3, 4)
+    nothing_real = torch.zeros(1, 3, dtype=torch.bool)
+    scores = q @ k.transpose(-1, -2) / 2.0 - 10000.0
+    assert torch.allclose(attention_core(q, k, v, nothing_real), scores.softmax(-1) @ v, atol=1e-6)
+    one_real = torch.tensor([[True, False, False]])
+    assert torch.allclose(attention_core(q, k, v, one_real), v[:, :, :1].expand(1, 1, 2, 4), atol=1e-6)

@@ -338,3 +338,53 @@ def test_batch_helpers():
         batch.replace(token_mask=torch.zeros_like(batch.token_mask)).validate()
     with pytest.raises(ValueError, match="input_ids"):
         batch.replace(input_ids=batch.input_ids.int()).validate()
+
+
+def test_visual_embedding_norms(tiny_config):
+    """ "separate" keeps its parameter names and order (earlier checkpoints and optimizer states); "joint" is
+    vilbert-multi-task's one LayerNorm over Linear(features) + Linear(location)."""
+    separate = TwoStreamModel(tiny_config).visual_embedding
+    assert [n for n, _ in separate.named_parameters()] == [
+        f"{m}.{p}"
+        for m in ("feature", "feature_norm", "location", "location_norm")
+        for p in ("weight", "bias")
+    ]
+    joint = TwoStreamModel(dataclasses.replace(tiny_config, visual_embedding_norm="joint")).visual_embedding
+    joint.eval()
+    batch = make_batch()
+    out, _ = joint(batch.features, batch.boxes_xyxy_px, batch.image_size_px, batch.region_mask)
+    locations = region_locations(batch.boxes_xyxy_px[:1, :1], batch.image_size_px[:1])
+    expected = joint.norm(joint.feature(batch.features[:1, :1]) + joint.location(locations))
+    assert torch.allclose(out[:1, 1:2], expected, atol=1e-6)  # slot 0 is the global region
+
+
+def test_two_way_match_head_is_the_softmax_difference(tiny_config):
+    model = TaskModel(dataclasses.replace(tiny_config, match_outputs=2)).eval()
+    batch = make_batch()
+    fused = model.encode(batch).fused
+    scores = model.match_head.score(fused)
+    assert scores.shape == (batch.batch_size, 2)
+    probability = torch.sigmoid(model.match_logits(batch))
+    assert torch.allclose(probability, scores.softmax(-1)[:, 0], atol=1e-6)  # index 0 = match
+
+
+def test_task_tokens(tiny_config):
+    """12-in-1: the task embedding sits at text index 1 inside the encoder; outputs stay aligned with input_ids."""
+    config = dataclasses.replace(tiny_config, num_task_tokens=20)
+    model = TaskModel(config).eval()
+    batch = make_batch()
+    vqa = model.encode(batch, task="vqa")
+    assert vqa.text_states.shape[:2] == batch.input_ids.shape
+    retrieval = model.encode(batch, task="retrieval")
+    plain = model.encode(batch)  # pre-training: no task token
+    assert not torch.allclose(vqa.fused, retrieval.fused) and not torch.allclose(vqa.fused, plain.fused)
+    with pytest.raises(ValueError, match="no task tokens"):
+        TaskModel(tiny_config).encoder(
+            batch.features, batch.boxes_xyxy_px, batch.image_size_px, batch.region_mask,
+            batch.input_ids, batch.token_mask, task_id=1,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match=r"task_id must be in \[0, 20\)"):
+        model.encoder(
+            batch.features, batch.boxes_xyxy_px, batch.image_size_px, batch.region_mask,
+            batch.input_ids, batch.token_mask, task_id=20,
+        )  # fmt: skip
