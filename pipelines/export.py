@@ -2,8 +2,8 @@
 
 The work is ``workers.interop.feature_export``; this module parses the command line, refuses to replace existing
 output files unless ``--overwrite`` (for ``--parquet DIR``: the files this export would write, i.e. each
-shard's ``<shard>.parquet`` / ``<shard>.errors.parquet`` and ``manifest.json``; other files in DIR are left
-alone), and prints a JSON summary. Exit codes (`pipelines.cli.ExitCode`): 0 written; 1 refused (bad flags, no store, existing output).
+shard's ``rows/<shard>.parquet`` / ``errors/<shard>.parquet`` and ``manifest.json``; other files in DIR are
+left alone), and prints a JSON summary. Exit codes (`pipelines.cli.ExitCode`): 0 written; 1 refused (bad flags, no store, existing output).
 """
 
 from __future__ import annotations
@@ -17,13 +17,7 @@ from pyarrow import fs as pafs
 
 from pipelines.cli import ExitCode, fail
 from schemas.store import StoreSchemaError
-from workers.interop.feature_export import (
-    MANIFEST_COPY,
-    PARQUET_ERRORS_SUFFIX,
-    PARQUET_SUFFIX,
-    export_parquet,
-    export_tsv,
-)
+from workers.interop.feature_export import MANIFEST_COPY, export_parquet, export_tsv, parquet_names
 from workers.store import StoreLocation, StoreReader
 
 log = logging.getLogger(__name__)
@@ -37,7 +31,11 @@ class OutputExists(RuntimeError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("store", metavar="STORE", help="store directory or s3:// URL")
     target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--parquet", metavar="DIR", help="one <shard>.parquet per shard (+ errors, manifest)")
+    target.add_argument(
+        "--parquet",
+        metavar="DIR",
+        help="DIR/rows/<shard>.parquet per shard, DIR/errors/<shard>.parquet, manifest.json",
+    )
     target.add_argument("--tsv", metavar="FILE", help="one bottom-up-attention TSV (float32 base64)")
     parser.add_argument(
         "--float32",
@@ -62,7 +60,7 @@ def output_paths(args: argparse.Namespace) -> tuple[StoreLocation, list[str]]:
         return target, [target.root]
     target = StoreLocation.parse(args.parquet)
     shards = StoreReader(args.store).shards()
-    names = [s + suffix for s in shards for suffix in (PARQUET_SUFFIX, PARQUET_ERRORS_SUFFIX)]
+    names = [name for shard in shards for name in parquet_names(shard)]
     return target, [target.path(name) for name in [*names, MANIFEST_COPY]]
 
 

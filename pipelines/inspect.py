@@ -178,9 +178,9 @@ def _shard_statuses(reader: StoreReader) -> list[ShardStatus]:
             else:
                 statuses[shard] = ShardStatus(shard, "other_config", detail=f"digest {marker.config_digest}")
     for name in names:
-        shard = _shard_of_file(name)
-        if shard is not None and shard not in statuses:
-            statuses[shard] = ShardStatus(shard, "uncommitted", detail=f"{name} without a done marker")
+        of_file = _shard_of_file(name)
+        if of_file is not None and of_file not in statuses:
+            statuses[of_file] = ShardStatus(of_file, "uncommitted", detail=f"{name} without a done marker")
     for failed in reader.manifest.get("failed_shards", []):
         if failed["shard"] not in statuses or statuses[failed["shard"]].status == "uncommitted":
             statuses[failed["shard"]] = ShardStatus(failed["shard"], "failed", detail=failed.get("error", ""))

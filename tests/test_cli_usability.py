@@ -111,14 +111,14 @@ def test_export_parquet_does_not_overwrite_without_the_flag(store: Path, tmp_pat
     folder = tmp_path / "pq"
     args = ["export", str(store), "--parquet", str(folder)]
     assert cli.main(args) == 0
-    (folder / "s1.parquet").write_bytes(b"mine")
+    (folder / "rows" / "s1.parquet").write_bytes(b"mine")
     (folder / "notes.txt").write_text("not ours")
     assert cli.main(args) == 1
     err = capsys.readouterr().err
-    assert "s0.parquet" in err and "--overwrite" in err
-    assert (folder / "s1.parquet").read_bytes() == b"mine"
+    assert "rows/s0.parquet" in err and "--overwrite" in err
+    assert (folder / "rows" / "s1.parquet").read_bytes() == b"mine"
     assert cli.main([*args, "--overwrite"]) == 0
-    assert (folder / "s1.parquet").read_bytes()[:4] == b"PAR1"
+    assert (folder / "rows" / "s1.parquet").read_bytes()[:4] == b"PAR1"
     assert (folder / "notes.txt").read_text() == "not ours"
 
 

@@ -278,9 +278,9 @@ def test_parquet_export_keeps_columns(tmp_path: Path) -> None:
     assert summary.shards == ["s0", "s1"] and summary.rows == 5
     reader = StoreReader(str(tmp_path / "store"))
     for shard in reader.shards():
-        back = pq.read_table(tmp_path / "pq" / f"{shard}.parquet")
+        back = pq.read_table(tmp_path / "pq" / "rows" / f"{shard}.parquet")
         assert back.equals(reader.table(shard))  # float16 and fixed-size lists restored by pyarrow
-        assert pq.read_table(tmp_path / "pq" / f"{shard}.errors.parquet").num_rows == 0
+        assert pq.read_table(tmp_path / "pq" / "errors" / f"{shard}.parquet").num_rows == 0
     assert (tmp_path / "pq" / "manifest.json").read_bytes() == (
         tmp_path / "store" / "manifest.json"
     ).read_bytes()
@@ -290,7 +290,7 @@ def test_parquet_float32_export_is_exact(tmp_path: Path) -> None:
     _random_store(tmp_path / "store", np.random.default_rng(5), with_cls=False)
     assert cli_main(["export", str(tmp_path / "store"), "--parquet", str(tmp_path / "pq"), "--float32"]) == 0
     original = StoreReader(str(tmp_path / "store")).table("s0")
-    back = pq.read_table(tmp_path / "pq" / "s0.parquet")
+    back = pq.read_table(tmp_path / "pq" / "rows" / "s0.parquet")
     assert back.schema.field("features").type.value_type.value_type == pa.float32()
     wide = back.column("features").combine_chunks().flatten().flatten().to_numpy()
     narrow = original.column("features").combine_chunks().flatten().flatten().to_numpy()
@@ -379,3 +379,37 @@ def test_overwrite_replaces_the_earlier_import(tmp_path: Path, images: list[dict
     reader, table, _ = _only_shard(store)
     _check_rows_match(table, images[:2])
     assert reader.manifest["import"]["source"] == str(second) and len(reader.manifest["runs"]) == 1
+
+
+def test_duckdb_reads_rows_and_errors_with_one_plain_glob_each(
+    tmp_path: Path, images: list[dict[str, Any]]
+) -> None:
+    """An imported store (shard 'features', one error row) beside an extract-style store (shards s0, s1):
+    'rows/*.parquet' reads only rows and 'errors/*.parquet' only error rows, whichever file comes first (the
+    old '*.parquet' mixed both kinds, and '*[0-9].parquet' missed the imported shard)."""
+    duckdb = pytest.importorskip("duckdb")
+    src = tmp_path / "trainval.tsv"
+    write_butd_tsv(src, images, extra_lines=["not\tan\timage"])
+    import_features(str(src), str(tmp_path / "imported"), ImportConfig("butd-tsv", "features"))
+    assert cli_main(["export", str(tmp_path / "imported"), "--parquet", str(tmp_path / "pq")]) == 0
+    rows = duckdb.sql(f"SELECT key, num_boxes FROM read_parquet('{tmp_path}/pq/rows/*.parquet') ORDER BY key")
+    assert rows.fetchall() == sorted((str(im["image_id"]), im["num_boxes"]) for im in images)
+    errors = duckdb.sql(
+        f"SELECT shard, reason FROM read_parquet('{tmp_path}/pq/errors/*.parquet')"
+    ).fetchall()
+    assert len(errors) == 1 and errors[0][0] == "features"
+    _random_store(tmp_path / "store", np.random.default_rng(6), with_cls=False)
+    assert cli_main(["export", str(tmp_path / "store"), "--parquet", str(tmp_path / "pq2")]) == 0
+    for folder in ("rows", "errors"):
+        columns = {
+            tuple(pq.read_schema(path).names)
+            for path in sorted((tmp_path / "pq2" / folder).glob("*.parquet"))
+        }
+        assert len(columns) == 1, columns  # one column set per folder
+    names = [
+        c[0]
+        for c in duckdb.sql(
+            f"DESCRIBE SELECT * FROM read_parquet('{tmp_path}/pq2/rows/*.parquet')"
+        ).fetchall()
+    ]
+    assert names == StoreReader(str(tmp_path / "store")).table("s0").column_names

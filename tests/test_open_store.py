@@ -37,7 +37,7 @@ out["polars_boxes"] = frame["boxes_xyxy_px"].to_list()
 out["polars_features_dtype"] = str(frame.schema["features"])
 errors = pl.read_ipc(f"{store}/parts/s0.errors.arrow")
 out["polars_error_rows"] = errors.height
-parts = f"read_parquet(['{parquet}/s0.parquet', '{parquet}/s1.parquet'])"
+parts = f"read_parquet('{parquet}/rows/*.parquet')"
 rows = duckdb.sql(
     f"SELECT key, num_boxes, features[1][1], boxes_xyxy_px[1] FROM {parts} ORDER BY key"
 ).fetchall()

@@ -144,7 +144,7 @@ def test_export_from_an_s3_store(first_run: dict, s3: S3Server, tmp_path: Path) 
 
     code = cli.main(["export", s3.url(STORE), "--parquet", str(tmp_path / "pq")])
     assert code == 0
-    table = pq.read_table(tmp_path / "pq" / f"{SHARDS[0]}.parquet")
+    table = pq.read_table(tmp_path / "pq" / "rows" / f"{SHARDS[0]}.parquet")
     assert table.column("key").to_pylist() == ["a0", "a1", "a2"]
 
 

@@ -1,7 +1,14 @@
 """Export a regionflow store to Parquet (DuckDB, Spark, pandas) or to a bottom-up-attention TSV.
 
-Parquet (``export_parquet``): one file per committed shard, ``DIR/<shard>.parquet`` with the store's
-columns unchanged, ``DIR/<shard>.errors.parquet`` with its error table, and a copy of ``manifest.json``.
+Parquet (``export_parquet``): one file per committed shard, ``DIR/rows/<shard>.parquet`` with the store's
+columns unchanged, ``DIR/errors/<shard>.parquet`` with its error table, and a copy of ``manifest.json``.
+Rows and error tables are in their own folders so that one plain glob reads one kind, whatever the shard
+names (an imported store's shard is ``features``): every file under ``rows/`` has the same columns (the
+store's schema), and every file under ``errors/`` the error-table columns. DuckDB::
+
+    SELECT key, num_boxes FROM read_parquet('DIR/rows/*.parquet');
+    SELECT reason, count(*) FROM read_parquet('DIR/errors/*.parquet') GROUP BY reason;
+
 Region features and ``cls_prob`` stay float16 by default: pyarrow writes Parquet's FLOAT16 logical type,
 which pyarrow, polars and DuckDB 2 read (DuckDB returns it as FLOAT); ``features_float32=True`` casts
 them to float32 (exact, twice the size) for readers without FLOAT16 support (older DuckDB, Spark).
@@ -33,7 +40,8 @@ from schemas.store import NUM_OBJECT_OUTPUTS
 from workers.store import StoreLocation, StoreReader
 
 PARQUET_SUFFIX = ".parquet"
-PARQUET_ERRORS_SUFFIX = ".errors.parquet"
+ROWS_DIR = "rows"
+ERRORS_DIR = "errors"
 MANIFEST_COPY = "manifest.json"
 EXPORT_BATCH_ROWS = 256
 FLOAT_COLUMNS = ("features", "cls_prob")
@@ -61,8 +69,14 @@ def _float32_schema(schema: pa.Schema) -> pa.Schema:
     return pa.schema(fields, metadata=schema.metadata)
 
 
+def parquet_names(shard: str) -> tuple[str, str]:
+    """(rows file, error-table file) of ``shard``, relative to the export folder."""
+    return f"{ROWS_DIR}/{shard}{PARQUET_SUFFIX}", f"{ERRORS_DIR}/{shard}{PARQUET_SUFFIX}"
+
+
 def export_parquet(store: str, out_dir: str, *, features_float32: bool = False) -> ExportSummary:
-    """Write each committed shard of ``store`` as ``out_dir/<shard>.parquet`` (local or ``s3://``).
+    """Write each committed shard of ``store`` as ``out_dir/rows/<shard>.parquet`` and its error table as
+    ``out_dir/errors/<shard>.parquet`` (local or ``s3://``; module docstring).
 
     Memory: one batch of ``EXPORT_BATCH_ROWS`` rows at a time (parts are memory-mapped).
 
@@ -71,16 +85,18 @@ def export_parquet(store: str, out_dir: str, *, features_float32: bool = False) 
     """
     reader = StoreReader(store)
     target = StoreLocation.parse(out_dir)
-    target.fs.create_dir(target.root, recursive=True)
+    for folder in (ROWS_DIR, ERRORS_DIR):
+        target.fs.create_dir(target.path(folder), recursive=True)
     summary = ExportSummary(store=store, target=out_dir)
     for shard in reader.shards():
         table = reader.table(shard)
         schema = _float32_schema(table.schema) if features_float32 else table.schema
-        path = target.path(shard + PARQUET_SUFFIX)
+        rows_name, errors_name = parquet_names(shard)
+        path = target.path(rows_name)
         with target.fs.open_output_stream(path) as sink, pq.ParquetWriter(sink, schema) as writer:
             for batch in table.to_batches(max_chunksize=EXPORT_BATCH_ROWS):
                 writer.write_batch(batch.cast(schema) if features_float32 else batch)
-        errors_path = target.path(shard + PARQUET_ERRORS_SUFFIX)
+        errors_path = target.path(errors_name)
         with target.fs.open_output_stream(errors_path) as sink:
             pq.write_table(reader.errors(shard), sink)
         summary.shards.append(shard)
