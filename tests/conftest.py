@@ -1,13 +1,66 @@
-"""Shared pytest fixtures. ``ray_session``: one local Ray runtime for the whole test session (STYLE §8)."""
+"""Shared pytest fixtures and hooks (STYLE §8).
+
+- ``_seeded_rng_and_threads`` (autouse): every test starts with torch's, numpy's legacy and Python's global
+  RNGs seeded 0 and torch on one thread (``@pytest.mark.torch_threads(n)`` for another count); all of it is
+  restored afterwards, so no test sees another's state.
+- ``gpu`` marker: skipped, with the reason said, when CUDA is not available (one hook, no per-test skipif).
+- ``ray_session``: one local Ray runtime for the whole test session, started as the commands start it.
+- ``s3``: one loopback S3 server (``tests/s3server.py``, moto) per test module, with a bucket; the AWS
+  environment points at it while the module runs.
+"""
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import pytest
 
 RAY_TEST_CPUS = 4  # logical CPUs of the test runtime (detector actors + fractional read tasks)
+TEST_SEED = 0
+DEFAULT_TORCH_THREADS = 1
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The one gpu skip hook: tests marked ``gpu`` are skipped without CUDA."""
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_tests:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA (marker gpu): torch.cuda.is_available() is False")
+    for item in gpu_tests:
+        item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _seeded_rng_and_threads(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Seed torch / numpy (legacy global) / Python RNGs with `TEST_SEED` and set torch's thread count for one
+    test; restore all of them after it."""
+    import torch
+
+    marker = request.node.get_closest_marker("torch_threads")
+    threads = int(marker.args[0]) if marker else DEFAULT_TORCH_THREADS
+    saved_threads, saved_numpy, saved_python = (
+        torch.get_num_threads(),
+        np.random.get_state(),
+        random.getstate(),
+    )
+    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng():
+            torch.manual_seed(TEST_SEED)
+            np.random.seed(TEST_SEED)
+            random.seed(TEST_SEED)
+            yield
+    finally:
+        torch.set_num_threads(saved_threads)
+        np.random.set_state(saved_numpy)
+        random.setstate(saved_python)
 
 
 @pytest.fixture(scope="session")
@@ -20,3 +73,15 @@ def ray_session() -> Iterator[Any]:
     start_ray(num_cpus=RAY_TEST_CPUS, log_to_driver=False)  # as the commands start it (no-op if already up)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[Any]:
+    """A loopback S3 server with one bucket (`s3server.S3Server`: ``url``, ``upload``, ``keys``, ``client``)
+    for the tests of one module; each test uses keys of its own."""
+    pytest.importorskip("moto.server", reason="moto[server] provides the local S3 server")
+    pytest.importorskip("boto3")
+    from s3server import running_s3_server
+
+    with running_s3_server() as server:
+        yield server

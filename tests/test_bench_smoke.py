@@ -1,8 +1,9 @@
 """Smoke tests of the benchmark scripts: each runs with its smallest ``--quick`` settings and writes valid JSON.
 
 Not timed tests (nothing here compares speeds): they check that the scripts run, that their last line states
-the ratio, and that the result file holds the ratio, the machine, the versions and the raw timings. The
-scripts that start Ray instances in subprocesses (memory, train throughput) are marked ``slow``.
+the ratio, and that the result file holds the ratio, the machine, the versions and the raw timings. Every test
+here runs a script in a subprocess: the module is marked ``bench`` (``make test-fast`` deselects it); the
+scripts that start Ray instances in subprocesses (memory, train throughput) are also marked ``slow``.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 BENCH = REPO / "bench"
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 COCO = DATA / "coco-train-mini"
+pytestmark = pytest.mark.bench
 needs_coco = pytest.mark.skipif(not COCO.is_dir(), reason=f"COCO-mini not found at {COCO}")
 
 

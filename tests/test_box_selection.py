@@ -20,14 +20,6 @@ from workers.detect.selection import choose_by_max_conf, select_boxes, select_bo
 NUM_CLASSES = 4  # background + 3 foreground classes in the small planted tests
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def planted(rows: list[dict[int, float]], num_classes: int = NUM_CLASSES) -> torch.Tensor:
     """Class probabilities ``[P, C]``: the given foreground scores, the rest of the mass on background."""
     prob = torch.zeros(len(rows), num_classes)

@@ -78,7 +78,6 @@ def checkpoint(key_shapes: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor
 
 @pytest.fixture(scope="module")
 def model() -> RegionDetectorModel:
-    torch.set_num_threads(1)
     return RegionDetectorModel(detector_config("butd-r101-c4"))
 
 

@@ -12,7 +12,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import torch
 from tarfactory import make_jpeg, simple_sample
 
 from pipelines import cli, extract
@@ -23,14 +22,6 @@ from workers.store import write_test_store
 FEATURE_DIM = 4
 WIDTH, HEIGHT = 40, 30
 BOX = [2.0, 3.0, 20.0, 25.0]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _row(key: str) -> dict:

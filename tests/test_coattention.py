@@ -11,16 +11,6 @@ import torch.nn.functional as F
 from model.coattention import CoTransformerBlock, MultiHeadAttention, attention_core
 
 
-@pytest.fixture(autouse=True)
-def _seeded_single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
-    torch.set_num_threads(threads)
-
-
 def _linear(x: torch.Tensor, layer: torch.nn.Linear) -> torch.Tensor:
     return x @ layer.weight.T + layer.bias
 

@@ -31,12 +31,7 @@ COCO_IMAGES = DATA / "coco-train-mini" / "images"
 CHECKPOINT_KEYS = DATA / "butd-checkpoint-keys" / "bua-caffe-r101-attr.txt"
 
 
-@pytest.fixture(autouse=True)
-def _two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.torch_threads(2)
 
 
 def synthetic_images() -> list[np.ndarray]:
@@ -450,7 +445,6 @@ def test_butd_random_init_under_bfloat16():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_butd_random_init_on_cuda(dtype):
     image = coco_images(1)[0]

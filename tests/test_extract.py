@@ -364,32 +364,9 @@ def test_unstorable_detector_output_becomes_an_error_row(output: object, detail:
     assert stored.tolist() == [[1.0, 2.0, -3.0, 65504.0], [0.5, 0.25, 0.0, 1.0]]
 
 
-@pytest.fixture()
-def s3_server(monkeypatch: pytest.MonkeyPatch) -> str:
-    """A local S3-compatible server (moto) with one bucket; AWS_* variables point pyarrow at it."""
-    server_module = pytest.importorskip("moto.server")
-    server = server_module.ThreadedMotoServer(ip_address="127.0.0.1", port=0)
-    server.start()
-    host, port = server.get_host_and_port()
-    for name, value in {
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-        "AWS_ACCESS_KEY_ID": "test",
-        "AWS_SECRET_ACCESS_KEY": "test",
-        "AWS_DEFAULT_REGION": "us-east-1",
-    }.items():
-        monkeypatch.setenv(name, value)
-    from pyarrow import fs as pafs
-
-    pafs.S3FileSystem(
-        endpoint_override=f"http://{host}:{port}", region="us-east-1", allow_bucket_creation=True
-    ).create_dir("bucket")
-    yield "s3://bucket"
-    server.stop()
-
-
-def test_store_on_object_storage(store: Path, shards: list[str], s3_server: str, caplog) -> None:
+def test_store_on_object_storage(store: Path, shards: list[str], s3, caplog) -> None:
     """Part, error table, then marker written directly (no rename, no lock, which is logged)."""
-    uri = f"{s3_server}/stores/a"
+    uri = s3.url("stores/a")
     with caplog.at_level("WARNING", logger="pipelines.extract"):
         summary = extract(shards, uri, TINY)
     assert summary.exit_code == 0 and summary.rows == GOOD_ROWS

@@ -11,7 +11,6 @@ import io
 import json
 import logging
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -166,16 +165,6 @@ def test_marker_source_round_trip() -> None:
         "source /x.tar -> /y.tar",
         "size 5 -> 6 bytes",
     ]
-
-
-@pytest.fixture()
-def s3() -> Iterator[object]:
-    pytest.importorskip("moto.server", reason="moto[server] provides the local S3 server")
-    pytest.importorskip("boto3")
-    from s3server import running_s3_server
-
-    with running_s3_server() as server:
-        yield server
 
 
 def test_rebuilt_object_on_s3_refused(s3, tmp_path: Path, ray_session: object) -> None:

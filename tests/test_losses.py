@@ -10,16 +10,6 @@ import torch
 from model import losses
 
 
-@pytest.fixture(autouse=True)
-def _seeded_single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
-    torch.set_num_threads(threads)
-
-
 def test_mrm_with_no_masked_region_is_zero_with_grad():
     logits = torch.randn(2, 3, 7, requires_grad=True)
     target = torch.zeros(2, 3, 7)  # padded rows may be all-zero distributions

@@ -242,33 +242,17 @@ def test_real_coco_images(tmp_path):
     assert samples[0].image_rgb.shape[2] == 3
 
 
-def test_s3_shard_through_a_local_s3_server(tmp_path, monkeypatch):
-    """``s3://`` URLs go through pyarrow.fs and honour AWS_ENDPOINT_URL (moto's local server here)."""
-    boto3 = pytest.importorskip("boto3")
-    moto_server = pytest.importorskip("moto.server")
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        for name, value in {
-            "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-            "AWS_ACCESS_KEY_ID": "test",
-            "AWS_SECRET_ACCESS_KEY": "test",
-            "AWS_DEFAULT_REGION": "us-east-1",
-        }.items():
-            monkeypatch.setenv(name, value)
-        s3 = boto3.client("s3")
-        s3.create_bucket(Bucket="shards")
-        local = write_raw_tar(
-            tmp_path / "s-1.tar", simple_sample("a") + simple_sample("b", 1), gzip_compress=True
-        )
-        s3.upload_file(str(local), "shards", "dir/s-1.tar.gz")
-        samples, errors, _ = read_all("s3://shards/dir/s-1.tar.gz")
-        assert [s.key for s in samples] == ["a", "b"] and samples[0].shard == "s-1" and errors == []
-        with pytest.raises(ShardReadError, match="s3://shards/dir/missing.tar"):
-            list(ShardReader("s3://shards/dir/missing.tar", ReaderConfig()))
-    finally:
-        server.stop()
+def test_s3_shard_through_a_local_s3_server(tmp_path, s3):
+    """``s3://`` URLs honour AWS_ENDPOINT_URL (the loopback S3 server of conftest's ``s3`` here)."""
+    local = write_raw_tar(
+        tmp_path / "s-1.tar", simple_sample("a") + simple_sample("b", 1), gzip_compress=True
+    )
+    url = s3.upload(local, "reader/dir/s-1.tar.gz")
+    samples, errors, _ = read_all(url)
+    assert [s.key for s in samples] == ["a", "b"] and samples[0].shard == "s-1" and errors == []
+    missing = s3.url("reader/dir/missing.tar")
+    with pytest.raises(ShardReadError, match=missing):
+        list(ShardReader(missing, ReaderConfig()))
 
 
 def test_member_name_not_utf8_is_an_error_row_and_the_shard_goes_on(tmp_path: Path) -> None:

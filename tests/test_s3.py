@@ -10,12 +10,11 @@ import contextlib
 import io
 import json
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from s3server import S3Server, running_s3_server
+from s3server import S3Server
 from tarfactory import make_jpeg, simple_sample
 
 from pipelines import cli
@@ -27,14 +26,6 @@ from workers.store import StoreReader
 SHARDS = ("shard-000", "shard-001")
 STORE = "store"
 NUM_BOXES = "8"
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Server]:
-    pytest.importorskip("moto.server", reason="moto[server] provides the local S3 server")
-    pytest.importorskip("boto3")
-    with running_s3_server() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

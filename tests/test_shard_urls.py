@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from faultproxy import fault_proxy
-from s3server import S3Server, running_s3_server
+from s3server import S3Server
 from tarfactory import simple_sample
 
 from pipelines import cli
@@ -35,13 +35,6 @@ from workers.read.urls import (
 )
 
 BIG_IMAGE_PX = 900  # 20 such JPEGs make a ~4 MB tar: several 1 MiB ranged GETs
-
-
-@pytest.fixture(scope="module")
-def s3() -> Iterator[S3Server]:
-    pytest.importorskip("moto.server", reason="moto[server] provides the local S3 server")
-    with running_s3_server() as server:
-        yield server
 
 
 @contextlib.contextmanager

@@ -4,13 +4,17 @@ temporaries, validation on write and on open (DESIGN §4, §9 *Commit and resume
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import fsspec.implementations.local as fsspec_local
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 import pytest
 from tiny_store import random_rows
@@ -192,10 +196,46 @@ def test_half_written_lock_is_stale_and_foreign_host_lock_is_live(tmp_path: Path
         StoreLock(location).acquire()
 
 
+class _HalfThenFail(io.RawIOBase):
+    """A real file that takes the first half of each write, then fails (a full disk or a kill mid-write)."""
+
+    def __init__(self, inner: Any) -> None:
+        self._inner = inner
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data)
+        self._inner.write(view[: view.nbytes // 2])
+        self._inner.flush()
+        raise OSError("injected failure mid-write")
+
+    def close(self) -> None:
+        self._inner.close()
+        super().close()
+
+
+class _DiesMidWrite(fsspec_local.LocalFileSystem):
+    """The local filesystem, except that every file opened for writing fails halfway (`_HalfThenFail`)."""
+
+    cachable = False
+
+    def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
+        inner = super()._open(path, mode, **kwargs)
+        return _HalfThenFail(inner) if "w" in mode else inner
+
+
 def test_write_bytes_is_atomic_locally(tmp_path: Path) -> None:
+    """A write that dies halfway leaves the earlier file whole: only the temporary name saw the half."""
     location = StoreLocation.parse(str(tmp_path))
-    location.write_bytes(location.path("f.json"), b"{}")
+    target = location.path("f.json")
+    location.write_bytes(target, b'{"run": 1}')
     assert sorted(p.name for p in tmp_path.iterdir()) == ["f.json"]
+    dying = StoreLocation(pafs.PyFileSystem(pafs.FSSpecHandler(_DiesMidWrite())), location.root, True)
+    with pytest.raises(OSError, match="injected failure mid-write"):
+        dying.write_bytes(target, b'{"run": 2, "longer": "than the first"}')
+    assert (tmp_path / "f.json").read_bytes() == b'{"run": 1}'
 
 
 def test_box_rule_is_inside_with_area_and_per_box_sizes() -> None:

@@ -19,16 +19,6 @@ FEATURE_DIM = 16
 CLS, SEP = 101, 102
 
 
-@pytest.fixture(autouse=True)
-def _seeded_single_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
-    torch.set_num_threads(threads)
-
-
 def make_batch(b: int = 4, n: int = 6, t: int = 8, num_answers: int = 5, cls_prob: bool = False) -> Batch:
     """A random batch: row 0 has 3 real regions, row 1 five real tokens; rows 2 and 3 show the same image."""
     g = torch.Generator().manual_seed(1)
