@@ -39,13 +39,6 @@ T_BI, V_BI, HEADS = (1, 2), (1, 2), 2
 CLS, SEP = 101, 102
 
 
-@pytest.fixture(autouse=True)
-def _seeded():
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        yield
-
-
 def text_dir(root: Path, vocab: int = VOCAB, vocab_lines: int | None = None) -> Path:
     """A tiny HF BERT directory laid out like bert-base-uncased (config.json + vocab.txt, no weights)."""
     root.mkdir(parents=True, exist_ok=True)
