@@ -13,11 +13,11 @@ import cv2
 import numpy as np
 import pytest
 from tarfactory import make_jpeg, simple_sample
+from tiny_store import write_test_store
 
-from pipelines import cli, extract
+from pipelines import cli
 from pipelines.extract import ExtractSummary, missing_local_shards
 from workers.corpus.tar_writer import write_tar
-from workers.store import write_test_store
 
 FEATURE_DIM = 4
 WIDTH, HEIGHT = 40, 30
@@ -120,7 +120,7 @@ def test_missing_local_shards_exit_1_before_ray_starts(tmp_path: Path, monkeypat
     def no_ray(config: object) -> None:
         raise AssertionError("Ray must not start when shard files are missing")
 
-    monkeypatch.setattr(extract, "_start_ray", no_ray)
+    monkeypatch.setattr("pipelines.extract_run.connect_ray", no_ray)
     write_tar(tmp_path / "sh-000.tar", simple_sample("a"))
     out = tmp_path / "store"
     pattern = str(tmp_path / "sh-{000..002}.tar")

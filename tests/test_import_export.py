@@ -20,13 +20,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from tiny_store import write_test_store
 
 from pipelines.cli import main as cli_main
 from schemas.store import NUM_OBJECT_OUTPUTS, validate_rows
 from workers.interop.feature_export import export_parquet
 from workers.interop.feature_import import ImportConfig, StoreExistsError, import_features
 from workers.interop.safe_unpickle import UnsafePickleError, safe_loads
-from workers.store import StoreReader, write_test_store
+from workers.store import StoreReader
 
 D = 16
 FIELDS = ["image_id", "image_w", "image_h", "num_boxes", "boxes", "features"]

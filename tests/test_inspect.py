@@ -9,13 +9,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.ipc as ipc
 import pytest
-from tiny_store import random_rows
+from tiny_store import random_rows, write_test_store
 
 from pipelines import cli
 from pipelines.inspect import inspect_store
 from schemas.manifest import DoneMarker
 from schemas.store import MANIFEST_FILE, PARTS_DIR
-from workers.store import write_test_store
 
 D = 8
 

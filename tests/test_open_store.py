@@ -10,9 +10,9 @@ from typing import Any
 
 import numpy as np
 import pytest
+from tiny_store import write_test_store
 
 from workers.interop.feature_export import export_parquet
-from workers.store import write_test_store
 
 D = 8
 REGIONFLOW_PACKAGES = ("schemas", "workers", "pipelines", "model")

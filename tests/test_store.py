@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 import pytest
-from tiny_store import random_rows
+from tiny_store import random_rows, write_test_store
 
 from schemas.manifest import ShardAccounting, new_manifest
 from schemas.store import (
@@ -37,7 +37,6 @@ from workers.store import (
     read_marker,
     remove_stray_temporaries,
     write_manifest,
-    write_test_store,
 )
 
 D = 8

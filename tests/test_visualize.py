@@ -7,11 +7,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from tiny_store import write_test_store
 
 from pipelines.cli import main as cli_main
 from workers.corpus.drawing import DrawingConfig, RegionLabel, class_colour, class_name, draw_regions
 from workers.corpus.tar_writer import write_tar
-from workers.store import StoreLocation, read_manifest, write_manifest, write_test_store
+from workers.store import StoreLocation, read_manifest, write_manifest
 
 FEATURE_DIM = 4
 WIDTH, HEIGHT = 100, 80

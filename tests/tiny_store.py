@@ -1,4 +1,4 @@
-"""Tiny feature stores for data / train / evaluate tests, written with ``workers.store.write_test_store``.
+"""Tiny feature stores for data / train / evaluate tests, written with `write_test_store` (here: a test helper, not production code).
 
 Two kinds:
     * `random_rows`: random features and boxes, captions of random real WordPiece ids.
@@ -95,11 +95,44 @@ def planted_rows(
 
 def write_store(root: Path, rows: list[dict[str, Any]], feature_dim: int, num_shards: int = 2) -> Path:
     """Write ``rows`` round-robin into ``num_shards`` shards (``shard-000`` ...); returns ``root``."""
-    from workers.store import write_test_store
-
     by_shard = {f"shard-{s:03d}": rows[s::num_shards] for s in range(num_shards)}
     write_test_store(str(root), by_shard, feature_dim)
     return root
+
+
+def write_test_store(root: str, rows_by_shard: dict[str, list[dict[str, Any]]], feature_dim: int) -> None:
+    """Write a small committed store from Python rows (tests and examples; columns as ``row_schema``).
+
+    Missing optional columns default to null, ``shard`` to the dict key, ``box_source`` to "detector".
+    Each row counts as a sample of two members (image + caption) in the markers' accounting.
+    """
+    import pyarrow as pa
+
+    from schemas.manifest import ShardAccounting, new_manifest
+    from schemas.store import row_schema
+    from workers.store import PartWriter, StoreLocation, write_manifest
+
+    location = StoreLocation.parse(root)
+    extraction_config = {"test_store": True, "feature_dim": feature_dim}
+    manifest = new_manifest(
+        feature_dim=feature_dim,
+        extraction_config=extraction_config,
+        provenance={"weights": {"digest": "test", "random_init": True}},
+    )
+    write_manifest(location, manifest)
+    defaults = {
+        "image_id": None,
+        "attribute_ids": None,
+        "attribute_conf": None,
+        "cls_prob": None,
+        "box_source": "detector",
+    }
+    for shard, rows in rows_by_shard.items():
+        full = [{**defaults, "shard": shard, **row} for row in rows]
+        writer = PartWriter(location, shard, feature_dim, manifest["config_digest"])
+        writer.add_rows(pa.Table.from_pylist(full, schema=row_schema(feature_dim)))
+        n = len(full)
+        writer.commit(ShardAccounting(2 * n, 2 * n, 0, {}, n, n, 0))
 
 
 VQA_ANSWERS = ("yes", "no", "2", "red", "blue")

@@ -226,44 +226,114 @@ def output_problem(output: RegionOutput, width_px: int, height_px: int, with_cls
     return None
 
 
+@dataclass(frozen=True)
+class StoreRow:
+    """One image's values before they become a ``row_schema(D)`` row: the one shape every row builder of the
+    project goes through (extract's detector outputs, import's records).
+
+    Attributes:
+        key, shard: identity (docs/design.md §9).
+        image_id: from the sample, or None.
+        width_px, height_px: original image size in pixels.
+        boxes_xyxy_px: float ``[N, 4]`` xyxy in original-image pixels (stored float32).
+        features: float ``[N, D]`` (stored float16; callers check the range first).
+        object_ids, object_conf: ``[N]`` class ids (int16, 0 = background) and confidences (float32).
+        attribute_ids, attribute_conf: ``[N]`` or None without an attribute head (then for every row).
+        cls_prob: float ``[N, 1601]`` or None (stored float16; a null cell when None).
+        captions: the image's captions; input_ids, captions_truncated: one entry per caption.
+    """
+
+    key: str
+    shard: str
+    image_id: int | None
+    width_px: int
+    height_px: int
+    boxes_xyxy_px: np.ndarray
+    features: np.ndarray
+    object_ids: np.ndarray
+    object_conf: np.ndarray
+    attribute_ids: np.ndarray | None
+    attribute_conf: np.ndarray | None
+    cls_prob: np.ndarray | None
+    captions: Sequence[str]
+    input_ids: Sequence[Sequence[int]]
+    captions_truncated: Sequence[bool]
+
+
 def build_rows(
     kept: Sequence[tuple[ReadSample, RegionOutput]], schema: pa.Schema, box_source: str, with_cls_prob: bool
 ) -> pa.Table:
-    """One ``schema`` row per (sample, detector output), in the given order.
+    """One ``schema`` row per (sample, detector output), in the given order (``arrow_rows``).
 
     Features and class probabilities are cast to float16 (callers check the range with
     ``output_problem`` first). Attribute columns are null when the detector has no attribute head.
     """
-    samples = [item.sample for item, _ in kept]
-    tokens = [item.tokens for item, _ in kept]
-    outputs = [output for _, output in kept]
-    lengths = np.array([o.boxes_xyxy_px.shape[0] for o in outputs], dtype=np.int64)
+    rows = [
+        StoreRow(
+            key=item.sample.key,
+            shard=item.sample.shard,
+            image_id=item.sample.image_id,
+            width_px=item.sample.width_px,
+            height_px=item.sample.height_px,
+            boxes_xyxy_px=output.boxes_xyxy_px,
+            features=output.features,
+            object_ids=output.object_ids,
+            object_conf=output.object_conf,
+            attribute_ids=output.attribute_ids,
+            attribute_conf=output.attribute_conf,
+            cls_prob=output.cls_prob if with_cls_prob else None,
+            captions=item.sample.captions,
+            input_ids=item.tokens.input_ids,
+            captions_truncated=item.tokens.truncated,
+        )
+        for item, output in kept
+    ]
+    return arrow_rows(rows, schema, box_source)
+
+
+def arrow_rows(rows: Sequence[StoreRow], schema: pa.Schema, box_source: str) -> pa.Table:
+    """The ``schema`` (``row_schema(D)``) table of ``rows``, in order: the only row builder (extract and
+    import both use it).
+
+    Raises:
+        ValueError: some rows have attributes and others not.
+    """
+    lengths = np.array([r.boxes_xyxy_px.shape[0] for r in rows], dtype=np.int64)
     feature_dim = schema.field("features").type.value_type.list_size
-    n = len(kept)
+    n = len(rows)
     columns = {
-        "key": pa.array([s.key for s in samples], pa.string()),
-        "shard": pa.array([s.shard for s in samples], pa.string()),
-        "image_id": pa.array([s.image_id for s in samples], pa.int64()),
-        "image_width_px": pa.array([s.width_px for s in samples], pa.int32()),
-        "image_height_px": pa.array([s.height_px for s in samples], pa.int32()),
+        "key": pa.array([r.key for r in rows], pa.string()),
+        "shard": pa.array([r.shard for r in rows], pa.string()),
+        "image_id": pa.array([r.image_id for r in rows], pa.int64()),
+        "image_width_px": pa.array([r.width_px for r in rows], pa.int32()),
+        "image_height_px": pa.array([r.height_px for r in rows], pa.int32()),
         "num_boxes": pa.array(lengths.astype(np.int32), pa.int32()),
-        "boxes_xyxy_px": _per_box_vectors([o.boxes_xyxy_px for o in outputs], lengths, np.float32, 4),
-        "features": _per_box_vectors([o.features for o in outputs], lengths, np.float16, feature_dim),
-        "object_ids": _per_box_scalars([o.object_ids for o in outputs], lengths, np.int16),
-        "object_conf": _per_box_scalars([o.object_conf for o in outputs], lengths, np.float32),
-        "attribute_ids": _optional_scalars([o.attribute_ids for o in outputs], lengths, np.int16),
-        "attribute_conf": _optional_scalars([o.attribute_conf for o in outputs], lengths, np.float32),
-        "cls_prob": (
-            _per_box_vectors([o.cls_prob for o in outputs], lengths, np.float16, NUM_OBJECT_OUTPUTS)
-            if with_cls_prob and n
-            else pa.nulls(n, schema.field("cls_prob").type)
-        ),
+        "boxes_xyxy_px": _per_box_vectors([r.boxes_xyxy_px for r in rows], lengths, np.float32, 4),
+        "features": _per_box_vectors([r.features for r in rows], lengths, np.float16, feature_dim),
+        "object_ids": _per_box_scalars([r.object_ids for r in rows], lengths, np.int16),
+        "object_conf": _per_box_scalars([r.object_conf for r in rows], lengths, np.float32),
+        "attribute_ids": _optional_scalars([r.attribute_ids for r in rows], lengths, np.int16),
+        "attribute_conf": _optional_scalars([r.attribute_conf for r in rows], lengths, np.float32),
+        "cls_prob": _cls_prob_column([r.cls_prob for r in rows], lengths, schema.field("cls_prob").type),
         "box_source": pa.array([box_source] * n, pa.string()),
-        "captions": pa.array([list(s.captions) for s in samples], pa.list_(pa.string())),
-        "input_ids": pa.array([t.input_ids for t in tokens], pa.list_(pa.list_(pa.int32()))),
-        "captions_truncated": pa.array([t.truncated for t in tokens], pa.list_(pa.bool_())),
+        "captions": pa.array([list(r.captions) for r in rows], pa.list_(pa.string())),
+        "input_ids": pa.array([[list(i) for i in r.input_ids] for r in rows], pa.list_(pa.list_(pa.int32()))),
+        "captions_truncated": pa.array([list(r.captions_truncated) for r in rows], pa.list_(pa.bool_())),
     }
     return pa.Table.from_arrays([columns[f.name] for f in schema], schema=schema)
+
+
+def _cls_prob_column(arrays: Sequence[np.ndarray | None], lengths: np.ndarray, kind: pa.DataType) -> pa.Array:
+    """``large_list<fixed_size_list<float16, 1601>>``: nulls when no row has class probabilities; a null
+    cell for each row without them otherwise."""
+    present = np.array([a is not None for a in arrays], dtype=bool)
+    if not present.any():
+        return pa.nulls(len(arrays), kind)
+    kept = [a for a in arrays if a is not None]
+    column = _per_box_vectors(kept, lengths * present, np.float16, NUM_OBJECT_OUTPUTS)
+    if present.all():
+        return column
+    return pa.LargeListArray.from_arrays(column.offsets, column.values, mask=pa.array(~present))
 
 
 def _offsets(lengths: np.ndarray, dtype: type) -> np.ndarray:
@@ -299,5 +369,6 @@ def _optional_scalars(arrays: Sequence[np.ndarray | None], lengths: np.ndarray, 
     present = [a is not None for a in arrays]
     if not any(present):
         return pa.nulls(len(arrays), pa.list_(pa.from_numpy_dtype(dtype)))
-    assert all(present), "one detector gives attributes for every image or for none"
-    return _per_box_scalars(arrays, lengths, dtype)  # type: ignore[arg-type]
+    if not all(present):
+        raise ValueError("attributes given for some rows and not others (all or none)")
+    return _per_box_scalars([a for a in arrays if a is not None], lengths, dtype)

@@ -60,7 +60,8 @@ from schemas.manifest import ShardAccounting
 from schemas.reasons import ErrorReason
 from schemas.store import NUM_OBJECT_OUTPUTS, boxes_not_inside, row_schema
 from workers.interop.safe_unpickle import UnsafePickleError, safe_loads
-from workers.store import PartWriter, StoreLocation
+from workers.rows import StoreRow, arrow_rows
+from workers.store import PartWriter, StoreConfigMismatch, StoreLocation
 
 logger = logging.getLogger(__name__)
 
@@ -399,67 +400,38 @@ def object_labels(cls_prob: np.ndarray | None, num_boxes: int) -> tuple[np.ndarr
     return ids.astype(np.int16), foreground.max(axis=1).astype(np.float32)
 
 
-def _nested(values: np.ndarray, width: int, counts: np.ndarray, dtype: pa.DataType) -> pa.Array:
-    """``large_list<fixed_size_list<dtype, width>>`` from flat values and per-row counts."""
-    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int64))
-    inner = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1), type=dtype), width)
-    return pa.LargeListArray.from_arrays(offsets, inner)
-
-
-def _flat_list(values: np.ndarray, counts: np.ndarray, dtype: pa.DataType) -> pa.Array:
-    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
-    return pa.ListArray.from_arrays(offsets, pa.array(values, type=dtype))
-
-
 def rows_table(rows: Sequence[ImportedRow], shard: str, feature_dim: int, keep_cls_prob: bool) -> pa.Table:
-    """Store-schema-v1 table of ``rows`` (``box_source="given"``, no attributes).
+    """Store-schema-v1 table of ``rows`` (``box_source="given"``, no attributes), built by
+    ``workers.rows.arrow_rows`` (the one row builder).
 
     Raises:
         ValueError: ``rows`` is empty.
     """
     if not rows:
         raise ValueError("rows_table needs at least one row")
-    n = len(rows)
-    counts = np.array([r.boxes_xyxy_px.shape[0] for r in rows], dtype=np.int64)
-    labels = [object_labels(r.cls_prob, r.boxes_xyxy_px.shape[0]) for r in rows]
-    columns = {
-        "key": pa.array([r.key for r in rows], pa.string()),
-        "shard": pa.array([shard] * n, pa.string()),
-        "image_id": pa.array([r.image_id for r in rows], pa.int64()),
-        "image_width_px": pa.array([r.image_width_px for r in rows], pa.int32()),
-        "image_height_px": pa.array([r.image_height_px for r in rows], pa.int32()),
-        "num_boxes": pa.array(counts, pa.int32()),
-        "boxes_xyxy_px": _nested(
-            np.concatenate([r.boxes_xyxy_px for r in rows]), BOX_COORDS, counts, pa.float32()
-        ),
-        "features": _nested(
-            np.concatenate([r.features.reshape(-1, feature_dim) for r in rows]),
-            feature_dim,
-            counts,
-            pa.float16(),
-        ),
-        "object_ids": _flat_list(np.concatenate([ids for ids, _ in labels]), counts, pa.int16()),
-        "object_conf": _flat_list(np.concatenate([conf for _, conf in labels]), counts, pa.float32()),
-        "attribute_ids": pa.nulls(n, pa.list_(pa.int16())),
-        "attribute_conf": pa.nulls(n, pa.list_(pa.float32())),
-        "cls_prob": _cls_prob_column(rows, counts) if keep_cls_prob else None,
-        "box_source": pa.array(["given"] * n, pa.string()),
-        "captions": pa.array([list(r.captions) for r in rows], pa.list_(pa.string())),
-        "input_ids": pa.array([[list(i) for i in r.input_ids] for r in rows], pa.list_(pa.list_(pa.int32()))),
-        "captions_truncated": pa.array([list(r.captions_truncated) for r in rows], pa.list_(pa.bool_())),
-    }
-    schema = row_schema(feature_dim)
-    if columns["cls_prob"] is None:
-        columns["cls_prob"] = pa.nulls(n, schema.field("cls_prob").type)
-    return pa.Table.from_arrays([columns[name] for name in schema.names], schema=schema)
-
-
-def _cls_prob_column(rows: Sequence[ImportedRow], counts: np.ndarray) -> pa.Array:
-    present = np.array([r.cls_prob is not None for r in rows])
-    kept = [r.cls_prob for r in rows if r.cls_prob is not None]
-    values = np.concatenate(kept) if kept else np.zeros((0, NUM_OBJECT_OUTPUTS), np.float32)
-    column = _nested(values.astype(np.float16), NUM_OBJECT_OUTPUTS, counts * present, pa.float16())
-    return pa.LargeListArray.from_arrays(column.offsets, column.values, mask=pa.array(~present))
+    values = []
+    for r in rows:
+        ids, conf = object_labels(r.cls_prob, r.boxes_xyxy_px.shape[0])
+        values.append(
+            StoreRow(
+                key=r.key,
+                shard=shard,
+                image_id=r.image_id,
+                width_px=r.image_width_px,
+                height_px=r.image_height_px,
+                boxes_xyxy_px=r.boxes_xyxy_px,
+                features=r.features.reshape(-1, feature_dim),
+                object_ids=ids,
+                object_conf=conf,
+                attribute_ids=None,
+                attribute_conf=None,
+                cls_prob=r.cls_prob if keep_cls_prob else None,
+                captions=r.captions,
+                input_ids=r.input_ids,
+                captions_truncated=r.captions_truncated,
+            )
+        )
+    return arrow_rows(values, row_schema(feature_dim), "given")
 
 
 # ---------------------------------------------------------------- captions
@@ -617,8 +589,9 @@ def _count(summary: ImportSummary, rows_errors: tuple[int, int]) -> None:
     summary.error_rows += rows_errors[1]
 
 
-class StoreExistsError(RuntimeError):
-    """``out`` already holds a store made from another source or config (pass ``overwrite``)."""
+StoreExistsError = (
+    StoreConfigMismatch  # ``out`` holds a store of another source or config (pass ``overwrite``)
+)
 
 
 def import_extraction_config(
@@ -681,7 +654,7 @@ def import_features(
         workers.store.StoreLockedError: another live process writes ``out``.
     """
     from schemas.manifest import new_manifest
-    from workers.store import StoreLock, clear_store, read_manifest, remove_stray_temporaries, write_manifest
+    from workers.store import StoreLock, check_config, finish_manifest, start_manifest
 
     if not os.path.exists(source):
         raise FileNotFoundError(f"{source}: no such feature file or LMDB")
@@ -699,30 +672,17 @@ def import_features(
             "vocabularies": None,
         },
     )
-    existing = read_manifest(location)
-    if existing is not None and existing["config_digest"] != manifest["config_digest"] and not overwrite:
-        raise StoreExistsError(
-            f"{out} holds a store of another source or config (digest {existing['config_digest'][:12]}); "
-            "pass --overwrite or choose another --out"
-        )
-    if existing is not None and existing["config_digest"] == manifest["config_digest"]:
-        manifest["runs"] = list(existing.get("runs", []))
+    # another config is refused, or replaced with overwrite (workers.store.lifecycle)
     with StoreLock(location):
-        if overwrite:  # the earlier store's shards would otherwise stay beside the new ones
-            removed = clear_store(location)
-            if removed:
-                logger.warning("--overwrite: deleted %d files of the earlier store in %s", len(removed), out)
-        remove_stray_temporaries(location)
-        write_manifest(location, manifest)
+        check = check_config(location, manifest["config_digest"], overwrite=overwrite)
+        start_manifest(location, manifest, check)
         summary = write_records(source, location, config, dim, manifest["config_digest"], captions)
         summary.source_sha256 = sha256
-        manifest["runs"].append(
-            {
-                "command": "import",
-                "shards": summary.shards,
-                "rows": summary.rows,
-                "errors": summary.error_rows,
-            }
-        )
-        write_manifest(location, manifest)
+        run = {
+            "command": "import",
+            "shards": summary.shards,
+            "rows": summary.rows,
+            "errors": summary.error_rows,
+        }
+        finish_manifest(location, manifest, run)
     return summary

@@ -1,0 +1,290 @@
+"""``regionflow extract`` once its flags are a validated ``ExtractConfig``: the run (DESIGN §5). Checks the
+inputs and the store (``workers.store.lifecycle``) before Ray starts where it can, starts the detectors
+(``pipelines.extract_actors``), hands the shards to the scheduler (``pipelines.extract_scheduler``) and
+records the run in the manifest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import platform
+import socket
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib import metadata
+from typing import Any
+
+import ray
+
+from pipelines.extract_actors import (
+    DetectorInfo,
+    DetectorPool,
+    DetectorSpec,
+    FaultInjection,
+    RayResources,
+    connect_ray,
+    read_task_runtime_env,
+    warm_read_worker_task,
+)
+from pipelines.extract_config import (
+    ExtractConfig,
+    ExtractSummary,
+    ShardsNotFound,
+    absolute,
+    load_vocabularies,
+    missing_local_shards,
+)
+from pipelines.extract_scheduler import ShardScheduler
+from schemas.manifest import config_digest, new_manifest
+from schemas.store import SCHEMA_VERSION
+from workers.store import (
+    CommittedShards,
+    StoreLocation,
+    StoreLock,
+    check_config,
+    committed_sources,
+    finish_manifest,
+    refuse_foreign_directory,
+    shard_source,
+    start_manifest,
+)
+
+logger = logging.getLogger("pipelines.extract")
+
+VERSIONED_LIBRARIES = (
+    "torch",
+    "torchvision",
+    "ray",
+    "pyarrow",
+    "opencv-python-headless",
+    "webdataset",
+    "tokenizers",
+    "numpy",
+)
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """What a run knows before Ray starts: the expanded shard URLs (absolute for local files) and their shard
+    ids, the store, the tokenizer and vocabularies, and when the run started (UTC, ISO 8601)."""
+
+    urls: list[str]
+    shard_ids: dict[str, str]
+    out: str
+    location: StoreLocation
+    tokenizer: Any
+    vocabularies: dict[str, Any] | None
+    started_utc: str
+
+
+def extract(
+    shard_urls: list[str], out: str, config: ExtractConfig, *, fault: FaultInjection | None = None
+) -> ExtractSummary:
+    """Extract region features of ``shard_urls`` into the store ``out``.
+
+    Returns the run summary (``exit_code`` 0 when every shard completed, 2 when any failed).
+
+    Raises:
+        ExtractRefused: more detectors than GPUs.
+        workers.store.StoreRefused: the store is not a regionflow store, holds another config (without
+            ``overwrite``), or committed shards whose input changed (without ``overwrite``).
+        StoreLockedError: another live run holds the store's lock.
+        ShardsNotFound: local shard files that do not exist (checked before anything else starts).
+        ValueError: bad shard URLs (``workers.read.urls.check_shard_urls``: pipe:, unsupported schemes,
+            directories, patterns matching nothing, duplicate shard ids) or a bad vocabulary folder.
+    """
+    inputs = check_inputs(shard_urls, out, config)
+    t0 = time.perf_counter()
+    resources = pool = None
+    with StoreLock(inputs.location):
+        sources = {inputs.shard_ids[url]: shard_source(url) for url in inputs.urls}
+        committed = committed_sources(inputs.location, sources, overwrite=config.overwrite)
+        try:
+            resources = connect_ray(config)
+            pool, info = _start_detectors(config, resources, inputs.urls, fault)
+            summary = _run(inputs, committed, config, pool, info, time.perf_counter() - t0)
+        finally:
+            if pool is not None:
+                pool.shutdown()
+            if resources is not None and resources.started_ray:
+                ray.shutdown()
+    _log_summary(summary)
+    return summary
+
+
+def check_inputs(shard_urls: list[str], out: str, config: ExtractConfig) -> RunInputs:
+    """Everything checked before the lock and Ray: shard URLs expanded, local shards present, the
+    vocabularies readable, ``out`` a regionflow store or new.
+
+    Raises:
+        ShardsNotFound, ValueError, workers.store.StoreRefused: as ``extract``.
+    """
+    from workers.read.reader import shard_id_of
+    from workers.read.tokenizer import CaptionTokenizer
+    from workers.read.urls import check_shard_urls
+
+    started_utc = _utc_now()
+    urls = check_shard_urls(list(shard_urls))
+    missing = missing_local_shards(urls)
+    if missing:
+        raise ShardsNotFound(missing)
+    vocabularies = load_vocabularies(config.vocab) if config.vocab else None
+    location = StoreLocation.parse(out)
+    refuse_foreign_directory(location)
+    tokenizer = CaptionTokenizer(checkpoint_dir=config.tokenizer, max_tokens=config.max_tokens)
+    if not location.is_local:
+        logger.warning("%s is on object storage: no store lock; do not run two extracts on it at once", out)
+    shard_ids = {url: shard_id_of(url) for url in urls}
+    return RunInputs(urls, shard_ids, out, location, tokenizer, vocabularies, started_utc)
+
+
+def _run(
+    inputs: RunInputs,
+    committed: CommittedShards,
+    config: ExtractConfig,
+    pool: DetectorPool,
+    info: DetectorInfo,
+    startup_s: float,
+) -> ExtractSummary:
+    """Check and clean the store for this run's digest, write the manifest, extract the shards not yet
+    committed, and record the run."""
+    location, urls = inputs.location, inputs.urls
+    extraction = extraction_config(config, info, inputs.tokenizer)
+    digest = config_digest(extraction)
+    summary = _new_summary(inputs.out, digest, len(urls), info, startup_s)
+    _announce_weights(info, config)
+    check = check_config(location, digest, overwrite=config.overwrite)
+    summary.stray_temporaries_removed = check.stray_temporaries_removed
+    vocabularies = inputs.vocabularies or (check.existing or {}).get("vocabularies")
+    provenance = _provenance(info, inputs.tokenizer, vocabularies)
+    manifest = new_manifest(feature_dim=info.feature_dim, extraction_config=extraction, provenance=provenance)
+    start_manifest(location, manifest, check)
+    todo = [url for url in urls if not committed.is_done(inputs.shard_ids[url], digest)]
+    summary.shards_skipped = len(urls) - len(todo)
+    summary.shards_reextracted = committed.discard_changed(location)
+    t1 = time.perf_counter()
+    read_env = read_task_runtime_env(urls)
+    ShardScheduler(location, digest, info.feature_dim, config, pool, summary, read_env).run(todo)
+    summary.processing_s = time.perf_counter() - t1 if todo else 0.0
+    run_entry = _run_entry(summary, config, urls, inputs.started_utc)
+    run_shards = set(inputs.shard_ids.values())
+    finish_manifest(location, manifest, run_entry, run_shards=run_shards, failed_shards=summary.failed_shards)
+    return summary
+
+
+def _start_detectors(
+    config: ExtractConfig, resources: RayResources, urls: list[str], fault: FaultInjection | None
+) -> tuple[DetectorPool, DetectorInfo]:
+    """Build the detector pool and warm ``shards_in_flight`` read workers; returns the pool and the
+    detectors' provenance once every actor has built its model."""
+    spec = DetectorSpec(
+        config.detector,
+        config.selection(),
+        absolute(config.weights) if config.weights else None,
+        resources.threads,
+        config.with_cls_prob,
+        config.box_source(),
+    )
+    pool = DetectorPool(spec, resources, config.detectors, fault)
+    read_env = read_task_runtime_env(urls)
+    warm = [
+        warm_read_worker_task.options(runtime_env=read_env).remote(config.tokenizer, config.max_tokens)
+        for _ in range(config.shards_in_flight)
+    ]
+    info = pool.describe()
+    ray.get(warm)
+    return pool, info
+
+
+def _new_summary(out: str, digest: str, shards: int, info: DetectorInfo, startup_s: float) -> ExtractSummary:
+    summary = ExtractSummary(store=out, config_digest=digest, shards_total=shards)
+    summary.startup_s, summary.random_init = startup_s, info.random_init
+    summary.weights_digest, summary.device = info.weights_digest, info.device
+    summary.detector_threads, summary.detector_omp_wait_policy = info.threads, info.omp_wait_policy
+    return summary
+
+
+def extraction_config(config: ExtractConfig, info: DetectorInfo, tokenizer: Any) -> dict[str, Any]:
+    """The dict the config digest is computed from: everything that changes output bytes (§9), nothing
+    that does not (batch size, actor count, shards in flight, threads)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "detector": info.config,
+        "feature_dim": info.feature_dim,
+        "weights_digest": info.weights_digest,
+        "box_selection": config.selection().to_dict(),
+        "tokenizer_digest": tokenizer.digest,
+        "max_tokens": config.max_tokens,
+        "captions": config.captions,
+        "max_pixels": config.max_pixels,
+        "with_cls_prob": config.with_cls_prob,
+    }
+
+
+def _utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def _provenance(info: DetectorInfo, tokenizer: Any, vocabularies: dict[str, Any] | None) -> dict[str, Any]:
+    return {
+        "detector_config": info.config,
+        "weights": {"digest": info.weights_digest, "random_init": info.random_init},
+        "tokenizer": tokenizer.to_dict(),
+        "library_versions": library_versions(),
+        "vocabularies": vocabularies,
+    }
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of Python and of the libraries that shape the store's bytes (None: not installed)."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in VERSIONED_LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def _run_entry(
+    summary: ExtractSummary, config: ExtractConfig, urls: list[str], started_utc: str
+) -> dict[str, Any]:
+    """This run's entry of the manifest's ``runs`` (excluded from comparisons)."""
+    counts = {k: v for k, v in summary.to_dict().items() if k not in ("store", "config_digest")}
+    return {
+        "started_utc": started_utc,
+        "ended_utc": _utc_now(),
+        "host": socket.gethostname(),
+        "args": {**dataclasses.asdict(config), "shard_urls": urls},
+        "counts": counts,
+    }
+
+
+def _announce_weights(info: DetectorInfo, config: ExtractConfig) -> None:
+    if info.random_init:
+        logger.warning(
+            "RANDOM INIT: no --weights given; the %s detector is seeded random init (weights digest %s). "
+            "Its features and classes carry no visual meaning; this is recorded in manifest.json.",
+            config.detector,
+            info.weights_digest,
+        )
+    else:
+        logger.info("detector weights %s (digest %s)", config.weights, info.weights_digest[:16])
+
+
+def _log_summary(summary: ExtractSummary) -> None:
+    logger.info(
+        "%d shards done, %d skipped, %d failed; %d rows, %d error rows; %.2f images/s",
+        summary.shards_done,
+        summary.shards_skipped,
+        len(summary.failed_shards),
+        summary.rows,
+        summary.error_rows,
+        summary.images_per_s,
+    )
+    for warning in summary.warnings():
+        logger.warning("%s", warning)
+    if summary.random_init:
+        logger.warning("RANDOM INIT: this store's features come from an untrained detector")

@@ -1,0 +1,85 @@
+"""Reading a committed store (docs/design.md §9: readers see only shards with a done marker of the store's
+config digest)."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.ipc as ipc
+
+from schemas.manifest import DoneMarker
+from schemas.store import (
+    ERRORS_SUFFIX,
+    MANIFEST_FILE,
+    MARKER_SUFFIX,
+    PART_SUFFIX,
+    PARTS_DIR,
+    StoreSchemaError,
+    feature_dim_of,
+    row_schema,
+    validate_errors,
+)
+from workers.store.location import StoreLocation, part_names, read_manifest, read_marker
+
+
+class StoreReader:
+    """Read-only view of a committed store.
+
+    Attributes:
+        manifest: the parsed ``manifest.json``.
+        feature_dim: region feature size ``D``.
+
+    Raises:
+        StoreSchemaError: ``root`` is not a regionflow store, or has another schema version.
+    """
+
+    def __init__(self, root: str) -> None:
+        self.location = StoreLocation.parse(root)
+        manifest = read_manifest(self.location)
+        if manifest is None:
+            raise StoreSchemaError(f"{root}: not a regionflow store (no {MANIFEST_FILE})")
+        self.manifest = manifest
+        self.feature_dim = int(manifest["feature_dim"])
+
+    def shards(self) -> list[str]:
+        """Committed shard ids (a marker of this store's config digest), sorted."""
+        names = self.location.list_names(self.location.path(PARTS_DIR))
+        shards = [n[: -len(MARKER_SUFFIX)] for n in names if n.endswith(MARKER_SUFFIX)]
+        return sorted(s for s in shards if self.marker(s).config_digest == self.manifest["config_digest"])
+
+    def uncommitted_shards(self) -> list[str]:
+        """Shard ids with a part file or error table in ``parts/`` but no done marker, sorted.
+
+        Readers ignore them (DESIGN §9: the marker is the commit point); callers report them.
+        """
+        names = set(self.location.list_names(self.location.path(PARTS_DIR)))
+        shards = {n[: -len(ERRORS_SUFFIX)] for n in names if n.endswith(ERRORS_SUFFIX)}
+        shards |= {
+            n[: -len(PART_SUFFIX)] for n in names if n.endswith(PART_SUFFIX) and not n.endswith(ERRORS_SUFFIX)
+        }
+        return sorted(s for s in shards if s + MARKER_SUFFIX not in names)
+
+    def marker(self, shard: str) -> DoneMarker:
+        marker = read_marker(self.location, shard)
+        if marker is None:
+            raise KeyError(f"shard {shard!r} is not committed in {self.location.root}")
+        return marker
+
+    def table(self, shard: str) -> pa.Table:
+        """The shard's rows (memory-mapped on a local filesystem); schema checked against v1."""
+        table = self._read(part_names(shard)[0])
+        if feature_dim_of(table.schema) != self.feature_dim or not table.schema.equals(
+            row_schema(self.feature_dim), check_metadata=False
+        ):
+            raise StoreSchemaError(f"shard {shard}: part schema differs from the store's schema v1")
+        return table
+
+    def errors(self, shard: str) -> pa.Table:
+        table = self._read(part_names(shard)[1])
+        validate_errors(table)
+        return table
+
+    def _read(self, name: str) -> pa.Table:
+        path = self.location.path(PARTS_DIR, name)
+        if self.location.is_local:
+            return ipc.open_file(pa.memory_map(path, "r")).read_all()
+        return ipc.open_file(pa.py_buffer(self.location.read_bytes(path))).read_all()
