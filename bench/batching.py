@@ -3,13 +3,13 @@
     ratio = images/s calling ``RegionDetector.extract`` with N images ÷ images/s calling it with 1 image
     (goal on the CPU: no loss, >= 0.95; features must be identical: max |diff| reported and asserted 0)
 
-``--images`` real COCO-mini images are resized to one size (``--size``, H×W) so that they share one size bucket,
-the case in which batching could change anything. The sides alternate (batch 1, batch N, ...), ``--repeats``
+``--images`` real COCO-mini images are resized to one size (``--size``, H×W), the case in which batching
+could change anything. The sides alternate (batch 1, batch N, ...), ``--repeats``
 rounds after ``--warmup``; images/s uses the median round.
 
 On the CPU ``RegionDetector`` runs the images of a call one by one (oneDNN picks kernels by batch size, and
 batching brings no speed there): both sides then run the same code and the ratio measures the call overhead
-only. ``--true-batch`` adds a third side that forces the CUDA grouping (one forward per bucket) on the CPU, to
+only. ``--true-batch`` adds a third side that forces the CUDA grouping (one RoI head over all images) on the CPU, to
 show what real batching would give and how far its features move (reported, not asserted).
 
 The time of every network stage is summed with forward hooks over the batch-1 rounds and reported per image:
@@ -99,11 +99,9 @@ class StageTimer:
         return {k: v / max(1, images) for k, v in split.items()}
 
 
-def force_bucket_batches(detector: Any) -> None:
-    """Make the detector run each bucket as one batch on the CPU too (what it does on CUDA)."""
-    from workers.detect.detector import _group_by_bucket
-
-    detector._batches = lambda prepared: iter(list(_group_by_bucket(prepared)))
+def force_batches(detector: Any) -> None:
+    """Make the detector run the RoI heads of all images of a call together on the CPU too (the CUDA path)."""
+    detector.rois_across_images = True
 
 
 def features_of(outputs: list[Any]) -> list[np.ndarray]:
@@ -164,11 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     height, width = (int(v) for v in args.size.lower().split("x"))
     images = [im for _, im in common.coco_images(args.images, (height, width))]
     detector = build(args.config, args.threads)
-    assert len({detector.bucket_of(*im.shape[:2]) for im in images}) == 1
     timer = StageTimer(detector)
     batched = build(args.config, args.threads) if args.true_batch else None
     if batched is not None:
-        force_bucket_batches(batched)
+        force_batches(batched)
 
     last: dict[str, list[Any]] = {}
 
@@ -201,7 +198,6 @@ def main(argv: list[str] | None = None) -> int:
         "parameters": {
             **{k: v for k, v in vars(args).items() if k != "out"},
             "images_source": "COCO-mini, first N by file name, resized to --size",
-            "bucket": list(detector.bucket_of(height, width)),
             "weights": detector.weights_digest,
             "box_mode": "fixed 36",
         },

@@ -278,7 +278,7 @@ class PssSampler:
 # ------------------------------------------------------------------------------------------------ images
 def coco_images(count: int, size_hw: tuple[int, int] | None = None) -> list[tuple[str, Any]]:
     """The first ``count`` COCO-mini images (sorted by file name) as ``(file name, uint8 RGB [H, W, 3])``,
-    optionally resized (bilinear) to ``size_hw`` so that they share one detector size bucket.
+    optionally resized (bilinear) to ``size_hw`` so that they share one network-input size.
 
     Raises:
         FileNotFoundError: ``../shared/data/coco-train-mini`` is absent or holds fewer images.

@@ -105,8 +105,8 @@ def _gpu(r: dict[str, Any]) -> tuple[float, float | None, str]:
         f"{r['detector']['config']} on {device}: bf16 images/s at the best batch / goal {goal:g} images/s "
         f"({best:.1f} images/s)"
     )
-    if "bf16_vs_fp32" in r:
-        acc = r["bf16_vs_fp32"]
+    acc = r.get("autocast_vs_fp32", {}).get("bf16") or r.get("bf16_vs_fp32")  # the latter: older results
+    if acc:
         text += (
             f"; bf16 vs fp32: proposals matched at IoU 0.7 {acc['rpn_proposals']['matched_at_iou_0.7']:.3f}, "
             f"feature rel. error {acc['features_at_fixed_boxes']['median']:.1e}"

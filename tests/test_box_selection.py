@@ -12,8 +12,8 @@ import json
 import numpy as np
 import pytest
 import torch
-import torchvision
 
+from workers.detect import nms as nms_module
 from workers.detect.config import BoxSelectionConfig
 from workers.detect.selection import choose_by_max_conf, select_boxes, select_boxes_batch
 
@@ -91,15 +91,16 @@ def test_plus_one_area_convention():
     np.testing.assert_allclose(plain.max_conf, [0.6, 0.5], atol=1e-7)
 
 
-def test_iou_at_threshold_is_not_suppressed():
-    # +1: A=[0,0,9,9] area 10*10 = 100. B=[0,0,9,2] lies inside A, area 10*3 = 30: IoU 30/100 = 0.3, not > 0.3,
-    # so B survives (0.5). B2=[0,0,9,3]: area 40, IoU 0.4 > 0.3: suppressed in every class -> 0.
+def test_iou_at_threshold_is_suppressed():
+    # Legacy CPU NMS (MILVLG nms_cpu.cpp, py-faster-rcnn cpu_nms.pyx): suppressed when IoU >= threshold.
+    # +1: A=[0,0,9,9] area 10*10 = 100. B=[0,0,9,2] lies inside A, area 10*3 = 30: IoU 30/100 = 0.3 (the float32
+    # 0.3 exactly) >= 0.3: suppressed in every class -> 0. B2=[0,0,9,1]: area 20, IoU 0.2 < 0.3 -> survives.
     props = boxes([0, 0, 9, 9], [0, 0, 9, 2])
     sel = select_boxes(props, planted([{1: 0.6}, {1: 0.5}]), BoxSelectionConfig())
-    np.testing.assert_allclose(sel.max_conf, [0.6, 0.5], atol=1e-7)
-    props = boxes([0, 0, 9, 9], [0, 0, 9, 3])
-    sel = select_boxes(props, planted([{1: 0.6}, {1: 0.5}]), BoxSelectionConfig())
     np.testing.assert_allclose(sel.max_conf, [0.6, 0.0], atol=1e-7)
+    props = boxes([0, 0, 9, 9], [0, 0, 9, 1])
+    sel = select_boxes(props, planted([{1: 0.6}, {1: 0.5}]), BoxSelectionConfig())
+    np.testing.assert_allclose(sel.max_conf, [0.6, 0.5], atol=1e-7)
 
 
 def test_nms_threshold_is_the_configured_one():
@@ -267,14 +268,46 @@ def random_case(seed: int, count: int, num_classes: int = 60) -> tuple[torch.Ten
     return torch.cat([corner, corner + size], dim=1), prob
 
 
+def nms_cpu_port(boxes_xyxy: np.ndarray, scores: np.ndarray, thresh: float) -> np.ndarray:
+    """The legacy CPU NMS (maskrcnn-benchmark / MILVLG ``nms_cpu.cpp``, py-faster-rcnn ``cpu_nms.pyx``), written
+    out as a plain loop in float32: ``+1`` areas, suppress when ``IoU >= thresh``. Their ``sort`` is unstable;
+    this oracle ranks ties by lower index (a stable descending order), as regionflow documents."""
+    b = boxes_xyxy.astype(np.float32)
+    x1, y1, x2, y2 = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
+    one, zero, threshold = np.float32(1), np.float32(0), np.float32(thresh)
+    areas = (x2 - x1 + one) * (y2 - y1 + one)
+    order = np.argsort(-scores, kind="stable")
+    suppressed = np.zeros(len(b), dtype=bool)
+    for pos, i in enumerate(order):
+        if suppressed[i]:
+            continue
+        for j in order[pos + 1 :]:
+            if suppressed[j]:
+                continue
+            w = max(zero, min(x2[i], x2[j]) - max(x1[i], x1[j]) + one)
+            h = max(zero, min(y2[i], y2[j]) - max(y1[i], y1[j]) + one)
+            inter = w * h
+            if inter / (areas[i] + areas[j] - inter) >= threshold:
+                suppressed[j] = True
+    return np.flatnonzero(~suppressed)
+
+
 def reference_max_conf(props: torch.Tensor, prob: torch.Tensor) -> torch.Tensor:
-    """One torchvision NMS per class on ``x2 + 1, y2 + 1`` boxes (legacy IoU), as generate_tsv.py loops."""
-    shifted = props + torch.tensor([0.0, 0.0, 1.0, 1.0])
+    """One legacy CPU NMS per class, as MILVLG ``save_roi_features`` / ``generate_tsv.py`` loop."""
     best = torch.zeros(props.shape[0])
     for cls in range(1, prob.shape[1]):
-        keep = torchvision.ops.nms(shifted, prob[:, cls], 0.3)
+        keep = torch.from_numpy(nms_cpu_port(props.numpy(), prob[:, cls].numpy(), 0.3))
         best[keep] = torch.maximum(best[keep], prob[keep, cls])
     return best
+
+
+def grid_case(seed: int, count: int, num_classes: int = 30) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes with small integer corners and sides: many pairs at an IoU of exactly 0.3 (e.g. 30/100)."""
+    gen = torch.Generator().manual_seed(seed)
+    corner = torch.randint(0, 6, (count, 2), generator=gen).float()
+    size = torch.randint(1, 10, (count, 2), generator=gen).float()
+    prob = torch.softmax(torch.randn(count, num_classes, generator=gen) * 3, dim=1)
+    return torch.cat([corner, corner + size], dim=1), prob
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -282,6 +315,26 @@ def test_matches_a_per_class_loop(seed):
     props, prob = random_case(seed, count=130)
     sel = select_boxes(props, prob, BoxSelectionConfig())
     np.testing.assert_array_equal(sel.max_conf, reference_max_conf(props, prob).numpy())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_matches_the_legacy_cpu_nms_at_exact_threshold_ties(seed):
+    props, prob = grid_case(seed, count=60)
+    iou = nms_module.legacy_iou(props)
+    assert int((iou == np.float32(0.3)).sum()) > 0, "the case must hold IoUs equal to the threshold"
+    sel = select_boxes(props, prob, BoxSelectionConfig())
+    np.testing.assert_array_equal(sel.max_conf, reference_max_conf(props, prob).numpy())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rpn_nms_is_the_legacy_cpu_nms(seed):
+    """The RPN's NMS (boxes in rank order, threshold 0.7) keeps what the legacy CPU NMS keeps."""
+    props, _ = grid_case(seed, count=200)
+    keep = nms_module.legacy_nms_ranked(props, 0.7)
+    ranked = -np.arange(props.shape[0], dtype=np.float32)  # boxes already in rank order
+    np.testing.assert_array_equal(keep.numpy(), nms_cpu_port(props.numpy(), ranked, 0.7))
+    iou = nms_module.legacy_iou(props)
+    assert int((iou == np.float32(0.7)).triu(1).sum()) > 0, "the case must hold IoUs equal to 0.7"
 
 
 def test_batch_equals_one_image_at_a_time():

@@ -7,6 +7,7 @@ values, saved as ``.pth`` (torch tensors) and ``.pkl`` (numpy arrays, detectron2
 
 from __future__ import annotations
 
+import io
 import pickle
 import subprocess
 import sys
@@ -259,6 +260,47 @@ def test_pth_that_runs_code_is_refused(model: RegionDetectorModel, tmp_path: Pat
     assert marker.exists()
     marker.unlink()
     with pytest.raises(pickle.UnpicklingError):
+        load_weights(model, path)
+    assert not marker.exists()
+
+
+def test_pth_holding_numpy_arrays_loads(
+    checkpoint: dict[str, torch.Tensor], model: RegionDetectorModel, tmp_path: Path
+) -> None:
+    """Detectron2-era ``.pth`` files hold numpy arrays; plain ``weights_only=True`` refuses them. Both numpy 2
+    names (``numpy._core``) and numpy 1 names (``numpy.core``, a protocol-2 legacy file) load."""
+    state = {key: value.numpy() for key, value in checkpoint.items()}
+    state["proposal_generator.rpn_head.conv.bias"] = torch.from_numpy(
+        state["proposal_generator.rpn_head.conv.bias"]
+    )
+    new = tmp_path / "numpy2.pth"
+    torch.save({"model": state, "iteration": np.int64(90000)}, new)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(new, weights_only=True)  # the refusal this test is about
+    legacy = tmp_path / "numpy1.pth"
+    buffer = io.BytesIO()
+    torch.save({"model": state}, buffer, pickle_protocol=2, _use_new_zipfile_serialization=False)
+    raw = buffer.getvalue()
+    assert raw.count(b"numpy._core.multiarray\n") == 1
+    legacy.write_bytes(raw.replace(b"numpy._core.multiarray\n", b"numpy.core.multiarray\n"))
+    for path in (new, legacy):
+        load_weights(model, path)
+        loaded = model.state_dict()
+        for key in ("backbone.res4.22.conv3.weight", "roi_heads.box_predictor.cls_score.bias"):
+            torch.testing.assert_close(loaded[key], checkpoint[key], rtol=0, atol=0)
+
+
+def test_pth_with_numpy_arrays_and_a_malicious_global_is_refused(
+    model: RegionDetectorModel, tmp_path: Path
+) -> None:
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil-numpy.pth"
+    payload = {
+        "model": {"backbone.stem.conv1.weight": np.zeros((64, 3, 7, 7), np.float32)},
+        "x": _OpensMarker(marker),
+    }
+    torch.save(payload, path)
+    with pytest.raises(pickle.UnpicklingError, match="open"):
         load_weights(model, path)
     assert not marker.exists()
 

@@ -18,12 +18,19 @@ import torch
 from safetensors.torch import save_file
 from torch.nn import functional as F
 
+from schemas.reasons import ErrorReason
 from workers.detect.anchors import caffe_cell_anchors
 from workers.detect.backbone import ConvNorm, valid_feature_size
-from workers.detect.config import BoxSelectionConfig, DetectorConfig, detector_config
+from workers.detect.config import (
+    AUTOCAST_FEATURE_TOLERANCE,
+    BoxSelectionConfig,
+    DetectorConfig,
+    detector_config,
+)
 from workers.detect.detector import RegionDetector
 from workers.detect.network import RegionDetectorModel
-from workers.detect.preprocess import prepare_image, resized_size
+from workers.detect.preprocess import PreparedImage, prepare_image, resized_size
+from workers.detect.selection import select_boxes
 from workers.detect.weights import load_weights, save_weights, weights_digest
 
 DATA = Path(__file__).parents[2] / "shared" / "data"
@@ -145,8 +152,10 @@ def test_resized_size(name, size, expected):
 
 def caffe_image_blob(image_rgb: np.ndarray, min_size: int, max_size: int) -> tuple[np.ndarray, float]:
     """py-faster-rcnn ``_get_image_blob`` / MILVLG ``get_image_blob``, written out for one scale: BGR minus
-    means, scale by the short side unless the rounded long side passes ``max_size``, resize by fx = fy."""
-    im = image_rgb[:, :, ::-1].astype(np.float32) - np.array([102.9801, 115.9465, 122.7717], np.float32)
+    means (float64 means subtracted in place from the float32 image, as their code), scale by the short side
+    unless the rounded long side passes ``max_size``, resize by fx = fy."""
+    im = image_rgb[:, :, ::-1].astype(np.float32, copy=True)
+    im -= np.array([[[102.9801, 115.9465, 122.7717]]])  # float64 PIXEL_MEANS
     im_scale = float(min_size) / float(min(im.shape[:2]))
     if np.round(im_scale * max(im.shape[:2])) > max_size:
         im_scale = float(max_size) / float(max(im.shape[:2]))
@@ -181,12 +190,62 @@ def test_prepare_image_extreme_aspect_keeps_one_pixel():
     assert tuple(tensor.shape) == (3, 1, 1000) and scale == pytest.approx(1000 / 2001)
 
 
-def test_bucket_is_resized_size_rounded_up(tiny):
-    butd = RegionDetector.__new__(RegionDetector)
-    butd.config = detector_config("butd-r101-c4")
-    assert butd.bucket_of(427, 640) == (608, 928)  # resized to 600 x 899
-    assert butd.bucket_of(300, 1000) == (320, 1024)
-    assert tiny.bucket_of(480, 640) == (256, 352)
+def test_rpn_min_size_keeps_sides_above_the_minimum():
+    """MILVLG ``BUABoxes.nonempty``: a proposal is kept when ``x2 - x1 + 1 > 16 · scale`` (the Caffe
+    ``proposal_layer.py`` kept ``>=``). On a 16 × 16 network image every tiny anchor clips to ``[0, 0, 15, 15]``,
+    sides 16: none is kept; on 17 × 17 (sides 17) they are, one after NMS (identical boxes)."""
+    config = detector_config("tiny")
+    rpn = RegionDetectorModel(config).proposal_generator
+    fg_prob = torch.rand(config.num_anchors, 1, 1, generator=torch.Generator().manual_seed(0))
+    deltas = torch.zeros(config.num_anchors, 4, 1, 1)
+    assert config.rpn_min_size_px == 16
+    assert rpn._proposals_of(fg_prob, deltas, (16, 16), 1.0).shape == (0, 4)
+    kept = rpn._proposals_of(fg_prob, deltas, (17, 17), 1.0)
+    assert kept.tolist() == [[0.0, 0.0, 16.0, 16.0]]
+    assert rpn._proposals_of(fg_prob, deltas, (17, 17), 17 / 16).shape == (0, 4)  # 17 > 17 is false
+
+
+@pytest.mark.parametrize(
+    ("size", "too_small"),
+    [
+        ((1, 1), True),
+        ((8, 8), True),
+        ((4000, 16), True),
+        ((16, 4000), True),
+        ((16, 16), True),
+        ((17, 17), False),
+    ]
+    + [((16, 17), True), ((480, 640), False), ((100, 4000), False)],
+)
+def test_butd_images_too_small_for_any_proposal(size, too_small):
+    """butd-r101-c4: a proposal's sides (clipped to the resized image) must exceed 16 px x scale, so an image
+    with a side of 16 px or less can have none (the reference finds none either): said, not run."""
+    detector = RegionDetector.__new__(RegionDetector)
+    detector.config = detector_config("butd-r101-c4")
+    tensor, scale = prepare_image(np.zeros((*size, 3), np.uint8), detector.config)
+    detail = detector._too_small(PreparedImage(tensor, scale, size, None))
+    assert (detail is not None) == too_small
+    if size == (4000, 16):
+        assert detail == (
+            "image 16x4000 px resized to 4x1000 (scale 0.25): an RPN proposal needs both sides > 16 px x scale "
+            "= 4 px, so none can exist"
+        )
+
+
+def test_too_small_images_get_a_reason_and_no_box(tiny):
+    images = [np.full((1, 1, 3), 128, np.uint8), np.full((8, 8, 3), 50, np.uint8), synthetic_images()[0]]
+    small_1, small_8, normal = tiny.extract(images)
+    for output in (small_1, small_8):
+        assert output.boxes_xyxy_px.shape == (0, 4) and output.features.shape == (0, tiny.feature_dim)
+        assert output.no_box_reason is not None and output.no_box_reason[0] == ErrorReason.IMAGE_TOO_SMALL
+    assert normal.no_box_reason is None and normal.boxes_xyxy_px.shape[0] > 0
+    # the network agrees: an 8 x 8 image (256 x 256 at scale 32) has no proposal
+    tensor, scale = prepare_image(images[1], tiny.config)
+    with torch.inference_mode():
+        assert tiny.model([tensor], [scale], [None]).rois[0].shape == (0, 4)
+    # given boxes need no proposal
+    given = tiny.extract(images[1:2], [np.array([[0, 0, 8, 8]], np.float32)])[0]
+    assert given.boxes_xyxy_px.tolist() == [[0, 0, 8, 8]] and given.no_box_reason is None
 
 
 @pytest.mark.parametrize("size", [96, 97, 111, 128, 150])
@@ -214,6 +273,18 @@ def test_random_init_is_usable(dtype):
     for image, output in zip(images, detector.extract(images), strict=True):
         assert_usable(output, image, detector.config)
         assert 10 <= output.boxes_xyxy_px.shape[0] <= 100  # adaptive: random confidences fall to the floor
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_features_within_the_documented_tolerance(tiny, dtype):
+    images = synthetic_images()[:2] + (coco_images(2) if COCO_IMAGES.is_dir() else [])
+    boxes = [output.boxes_xyxy_px for output in tiny.extract(images)]
+    reference = tiny.extract(images, boxes)
+    low = RegionDetector(detector_config("tiny"), BoxSelectionConfig(), device="cpu", autocast_dtype=dtype)
+    tolerance = AUTOCAST_FEATURE_TOLERANCE[str(dtype).removeprefix("torch.")]
+    for got, want in zip(low.extract(images, boxes), reference, strict=True):
+        error = np.linalg.norm(got.features - want.features) / np.linalg.norm(want.features)
+        assert error <= tolerance, (dtype, error)
 
 
 def test_seed_decides_the_init(tiny):
@@ -285,19 +356,53 @@ def test_inference_layout_changes_features_by_rounding_only(tiny):
 # --- batch-size independence ---------------------------------------------------------------------------------
 
 
-def test_outputs_do_not_depend_on_the_batch(tiny):
+@pytest.mark.parametrize("across_images", [False, True])
+def test_outputs_do_not_depend_on_the_batch(tiny, across_images):
+    """Batch 1 == batch N, bytes equal. ``across_images`` forces the CUDA path on the CPU: the RoI heads of all
+    images of a call run together in fixed-shape chunks."""
     images = synthetic_images() + (coco_images(3) if COCO_IMAGES.is_dir() else [])
-    buckets = {tiny.bucket_of(*im.shape[:2]) for im in images}
-    assert len(buckets) >= 2, "the test must mix sizes of several buckets"
-    together = tiny.extract(images)
-    reversed_batch = tiny.extract(images[::-1])[::-1]
-    for i, image in enumerate(images):
-        alone = tiny.extract([image])[0]
+    sizes = {resized_size(*im.shape[:2], tiny.config)[:2] for im in images}
+    assert len(sizes) >= 3, "the test must mix image sizes"
+    tiny.rois_across_images = across_images
+    try:
+        together = tiny.extract(images)
+        reversed_batch = tiny.extract(images[::-1])[::-1]
+        alone = [tiny.extract([image])[0] for image in images]
+    finally:
+        tiny.rois_across_images = False
+    for i in range(len(images)):
         for batched in (together[i], reversed_batch[i]):
-            np.testing.assert_array_equal(batched.features, alone.features)
-            np.testing.assert_array_equal(batched.boxes_xyxy_px, alone.boxes_xyxy_px)
-            np.testing.assert_array_equal(batched.object_ids, alone.object_ids)
-            np.testing.assert_array_equal(batched.attribute_conf, alone.attribute_conf)
+            np.testing.assert_array_equal(batched.features, alone[i].features)
+            np.testing.assert_array_equal(batched.boxes_xyxy_px, alone[i].boxes_xyxy_px)
+            np.testing.assert_array_equal(batched.object_ids, alone[i].object_ids)
+            np.testing.assert_array_equal(batched.attribute_conf, alone[i].attribute_conf)
+
+
+@torch.inference_mode()
+def test_features_are_those_of_a_plain_unpadded_forward():
+    """An image's stored regions equal those of the network run by hand on that image alone, at its own
+    resized size (no canvas, no padding: as the reference extractors run it)."""
+    detector = RegionDetector(
+        detector_config("tiny"), BoxSelectionConfig(mode="fixed", num_boxes=10), device="cpu", seed=0
+    )
+    model, config = detector.model, detector.config
+    for image in synthetic_images()[:2]:  # 120x200 -> 256x427, 300x180 -> 400x240: not multiples of 32
+        tensor, scale = prepare_image(image, config)
+        res4 = model.backbone(tensor[None].contiguous(memory_format=model.memory_format))
+        proposals = model.proposal_generator(res4, [tuple(tensor.shape[1:])], [scale])[0]
+        crops = model.roi_heads.roi_pool(res4.float().contiguous(), [proposals])
+        head = model.roi_heads.box_predictor(
+            model.roi_heads.res5(crops.contiguous(memory_format=model.memory_format)).mean(dim=(2, 3))
+        )
+        height, width = image.shape[:2]
+        boxes = torch.minimum(
+            (proposals / scale).clamp_min(0.0),
+            torch.tensor([width, height, width, height], dtype=torch.float32),
+        )
+        keep = select_boxes(boxes, head.cls_prob, detector.selection).keep
+        output = detector.extract([image])[0]
+        np.testing.assert_array_equal(output.boxes_xyxy_px, boxes[keep].numpy())
+        np.testing.assert_array_equal(output.features, head.features[keep].numpy())
 
 
 # --- selection modes, given boxes, outputs -------------------------------------------------------------------
@@ -449,7 +554,18 @@ def test_butd_random_init_under_bfloat16():
 def test_butd_random_init_on_cuda(dtype):
     image = coco_images(1)[0]
     detector = RegionDetector(detector_config("butd-r101-c4"), BoxSelectionConfig(), autocast_dtype=dtype)
-    assert_usable(detector.extract([image])[0], image, detector.config)
+    output = detector.extract([image])[0]
+    assert_usable(output, image, detector.config)
+    full = RegionDetector(detector_config("butd-r101-c4"), BoxSelectionConfig())  # float32
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # true float32
+    try:
+        want = full.extract([image], [output.boxes_xyxy_px])[0]
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+    got = detector.extract([image], [output.boxes_xyxy_px])[0]
+    error = np.linalg.norm(got.features - want.features) / np.linalg.norm(want.features)
+    assert error <= AUTOCAST_FEATURE_TOLERANCE[str(dtype).removeprefix("torch.")], error
 
 
 def test_random_init_does_not_depend_on_the_thread_count():

@@ -171,6 +171,8 @@ class RegionRowBuilder:
                 members_used += len(item.sample.member_names)
             else:
                 reason = str(ErrorReason.DETECTOR_OUTPUT_INVALID)
+                if output.no_box_reason is not None:  # the detector says why it has no box (image_too_small)
+                    reason, problem = str(output.no_box_reason[0]), output.no_box_reason[1]
                 errors.append(ErrorRow(item.sample.key, tuple(item.sample.member_names), reason, problem))
                 members_in_errors += len(item.sample.member_names)
         rows = build_rows(kept, self.schema, self.box_source, self.with_cls_prob)

@@ -4,13 +4,25 @@ MILVLG bottom-up-attention.pytorch releases the Caffe model of Anderson et al. (
 detectron2 names (``bua-caffe-frcn-r101_with_attributes.pth``, ``bua-caffe-frcn-r101-k10-100.pth``; every
 key and shape of the attribute model: ``shared/data/butd-checkpoint-keys/bua-caffe-r101-attr.txt``):
 
-* ``.pth`` / ``.pt``: a dict whose ``model`` entry is the state dict of torch tensors, read with
-  ``torch.load(weights_only=True)`` (no code runs);
+* ``.pth`` / ``.pt``: a dict whose ``model`` entry is the state dict of torch tensors or numpy arrays, read
+  with ``torch.load(weights_only=True)`` plus an explicit allow-list of numpy's array-reconstruction globals
+  (``numpy_safe_globals``; no code runs);
 * ``.pkl``: a detectron2 pickle whose ``model`` entry maps the same names to numpy arrays, read through
   ``workers.interop.safe_unpickle`` (builtin containers and numpy arrays only; anything else is refused before it
   runs).
 
 A file holding the state dict itself (no ``model`` entry) is accepted too.
+
+Which released files are known to load, and what was checked: no released file was downloaded here (no
+network at run time, no weights in the repository). Checked: every one of the 616 keys and shapes MILVLG's
+model defines for ``bua-caffe-frcn-r101_with_attributes.pth`` (``shared/data/butd-checkpoint-keys``), as
+seeded random tensors, loads through ``KEY_MAP`` from a ``.pth`` of torch tensors, a ``.pth`` of numpy arrays
+(numpy 2 ``numpy._core`` names, and numpy 1 ``numpy.core`` names in a protocol-2 legacy file) and a ``.pkl``
+of numpy arrays; a file that names any other global is refused before it runs (``tests/test_butd_checkpoint.py``).
+The same layout, saved with MILVLG's own model code and these names, gave the reference's outputs through
+``regionflow extract --weights`` (parity check, issue 13). MILVLG's ``configs/caffe/test-caffe-r101.yaml``
+runs ``bua-caffe-frcn-r101-k10-100.pth`` with ``ATTRIBUTE_ON: True``, so that file is expected to hold the same
+keys; neither released file itself has been loaded by regionflow yet.
 
 ``KEY_MAP`` is the documented table from their names to ours, first matching rule wins. regionflow's
 detector (``workers/detect/network.py``) names its modules as the checkpoint does, so most rules copy a tensor
@@ -149,8 +161,42 @@ def load_butd_checkpoint(path: Path, our_anchors: torch.Tensor) -> dict[str, tor
         with path.open("rb") as handle:
             loaded = safe_load(handle, where=str(path))
     else:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(numpy_safe_globals()):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
     return map_butd_state(_state_dict_of(loaded, path), our_anchors.detach().cpu(), where=str(path))
+
+
+_NUMPY_DTYPES = (
+    np.float16,
+    np.float32,
+    np.float64,
+    np.int8,
+    np.int16,
+    np.int32,
+    np.int64,
+    np.uint8,
+    np.bool_,
+)
+
+
+def numpy_safe_globals() -> list[Any]:
+    """The explicit allow-list of numpy globals a ``.pth`` may name under ``torch.load(weights_only=True)``.
+
+    Detectron2-era checkpoints often store numpy arrays (and numpy scalars), which pickle as calls to
+    ``numpy(._)core.multiarray._reconstruct`` / ``scalar`` with ``numpy.ndarray`` and a ``numpy.dtype`` (and
+    the dtype's class under numpy 2). These rebuild an array from its bytes and run no other code; they are
+    the same names ``workers.interop.safe_unpickle`` admits for ``.pkl`` files. Both the numpy 1
+    (``numpy.core``) and numpy 2 (``numpy._core``) names are listed. Anything else is still refused by
+    torch's weights-only unpickler.
+    """
+    core = getattr(np, "_core", None) or np.core
+    listed: list[Any] = [np.ndarray, np.dtype, *(type(np.dtype(t)) for t in _NUMPY_DTYPES)]
+    for function in (core.multiarray._reconstruct, core.multiarray.scalar):
+        listed.append(function)
+        listed += [
+            (function, f"{module}.multiarray.{function.__name__}") for module in ("numpy.core", "numpy._core")
+        ]
+    return listed
 
 
 def _state_dict_of(loaded: Any, path: Path) -> dict[str, torch.Tensor]:

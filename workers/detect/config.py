@@ -37,6 +37,13 @@ CAFFE_PIXEL_MEANS_BGR = (102.9801, 115.9465, 122.7717)
 FEATURE_STRIDE_PX = 16  # res4 output stride of a C4 ResNet; RoIPool spatial scale is 1 / 16
 RES5_CHANNEL_FACTOR = 8  # res5 has 8× the channels of res2 (2048 = 8 × 256)
 
+# Documented autocast tolerance (DESIGN §2 Device): under ``torch.autocast`` with this dtype, an image's region
+# features at the same boxes stay within this relative L2 error of float32, ||f - f32|| / ||f32||. Measured
+# on the CPU (seeded random init, COCO images): tiny bf16 0.3-0.9%, fp16 0.04-0.08% (4 images, 36 boxes);
+# butd-r101-c4 bf16 0.74%, fp16 0.12% (1 image, 36 boxes). The boxes themselves may differ: the RPN's scores
+# move, and near-tied proposals change rank. bench/gpu.sh measures both on CUDA.
+AUTOCAST_FEATURE_TOLERANCE = {"bfloat16": 0.05, "float16": 0.01}
+
 BoxMode = Literal["fixed", "adaptive", "given"]
 BOX_MODES: tuple[str, ...] = ("fixed", "adaptive", "given")
 
@@ -61,13 +68,14 @@ class DetectorConfig:
         anchor_ratios: anchor aspect ratios h/w (0.5, 1, 2); 12 anchors per location.
         feature_stride_px: stride of the res4 feature map (16).
         rpn_pre_nms_top_n: proposals kept by RPN score before NMS (6000).
-        rpn_nms_iou: RPN NMS IoU threshold (0.7).
-        rpn_min_size_px: proposals with a side shorter than this (original-image px × scale) are dropped (16).
+        rpn_nms_iou: RPN NMS IoU threshold (0.7); suppressed when IoU ``>=`` this (legacy CPU NMS,
+            ``workers.detect.nms``).
+        rpn_min_size_px: a proposal is kept when each side (``x2 - x1 + 1`` network px) is ``>`` this × scale
+            (16; MILVLG ``BUABoxes.nonempty``; the Caffe ``proposal_layer.py`` kept ``>=``).
         num_proposals: proposals kept after RPN NMS (300).
         roi_pool_size: RoIPool output size (14 → 14×14).
         min_size_px: resize so the short side is this many px (600) ...
         max_size_px: ... unless the long side would exceed this (1000).
-        bucket_step_px: the padded canvas is the resized size rounded up to a multiple of this.
         pixel_means_bgr: subtracted from the BGR 0..255 image (Caffe: no std division).
         num_object_outputs: class outputs incl. background index 0 (1601).
         num_attribute_outputs: attribute outputs incl. "none" index 0 (401).
@@ -94,7 +102,6 @@ class DetectorConfig:
     num_proposals: int
     min_size_px: int
     max_size_px: int
-    bucket_step_px: int
     init_calibration_size_px: int
     stride_in_1x1: bool = True
     bn_eps: float = 1e-5
@@ -120,11 +127,6 @@ class DetectorConfig:
         if self.feature_stride_px != FEATURE_STRIDE_PX:
             raise ValueError(
                 f"feature_stride_px must be {FEATURE_STRIDE_PX} (C4 trunk), got {self.feature_stride_px}"
-            )
-        if self.bucket_step_px % self.feature_stride_px:
-            raise ValueError(
-                f"bucket_step_px ({self.bucket_step_px}) must be a multiple of the feature stride "
-                f"({self.feature_stride_px})"
             )
         if not 0 < self.min_size_px <= self.max_size_px:
             raise ValueError(
@@ -170,7 +172,6 @@ _CONFIGS: dict[str, DetectorConfig] = {
         num_proposals=300,
         min_size_px=600,
         max_size_px=1000,
-        bucket_step_px=32,
         init_calibration_size_px=224,
     ),
     "tiny": DetectorConfig(
@@ -188,7 +189,6 @@ _CONFIGS: dict[str, DetectorConfig] = {
         num_proposals=50,
         min_size_px=256,  # at 96 px a 20-px object covered ~1 res4 cell: colour probe 0.83 vs 0.98 here
         max_size_px=400,
-        bucket_step_px=32,
         init_calibration_size_px=256,
         attr_embed_dim=16,
         attr_hidden_dim=32,
@@ -232,7 +232,8 @@ class BoxSelectionConfig:
         min_boxes: floor of ``adaptive`` mode (10).
         max_boxes: cap of ``adaptive`` mode (100).
         conf_threshold: ``max_conf`` threshold of ``adaptive`` mode (0.2), kept when ``>=``.
-        nms_iou: per-class NMS threshold (0.3); a proposal is suppressed when IoU ``>`` this.
+        nms_iou: per-class NMS threshold (0.3); a proposal is suppressed when IoU ``>=`` this (legacy CPU NMS,
+            ``workers.detect.nms``).
         area_plus_one: legacy ``+1`` pixel areas in the NMS IoU (maskrcnn-benchmark / py-faster-rcnn).
     """
 

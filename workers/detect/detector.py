@@ -4,10 +4,12 @@
 (``workers.detect.network``) with loaded weights (``workers.detect.weights``) or a seeded random init
 (``workers.detect.random_init``), runs it, and selects boxes (``workers.detect.selection``).
 
-Batch-size independence: each image is padded to a canvas chosen from its own size (``bucket_of``), images
-are batched only with images of the same canvas, proposals are drawn from the image's own (unpadded)
-feature-map extent, and the RoI head runs image by image in fixed chunks. So an image's outputs do not depend
-on which other images share its call.
+Batch-size independence, and the reference's features: the trunk and the RPN see each image alone at its own
+resized size, never padded (as MILVLG bottom-up-attention.pytorch and the Caffe original run it; padding an
+image to a size bucket changed res4 by 29-60% of its peak against MILVLG's model). Only the RoI head is
+batched, on CUDA, over the pooled crops of all the images of a call in fixed-shape chunks
+(``RoIHeads.forward``); on the CPU each image runs alone. So an image's outputs do not depend on which other
+images share its call.
 """
 
 from __future__ import annotations
@@ -23,11 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from schemas.reasons import ErrorReason
 from workers.detect.config import BoxSelectionConfig, DetectorConfig
 from workers.detect.network import RegionDetectorModel, RegionHeadOutput
 from workers.detect.preprocess import (
     PreparedImage,
-    bucket_for,
     check_given_boxes,
     check_image,
     prepare_image,
@@ -52,6 +54,8 @@ class RegionOutput:
         attribute_ids: int16 ``[N]`` argmax over attributes 1..400, None without an attribute head.
         attribute_conf: float32 ``[N]``, None without an attribute head.
         cls_prob: float32 ``[N, 1601]`` class softmax, only when the detector was built with ``with_cls_prob``.
+        no_box_reason: when the detector cannot give this image any box (N = 0, nothing run): the
+            ``schemas.reasons.ErrorReason`` value and a deterministic detail, else None.
     """
 
     boxes_xyxy_px: np.ndarray
@@ -61,6 +65,7 @@ class RegionOutput:
     attribute_ids: np.ndarray | None
     attribute_conf: np.ndarray | None
     cls_prob: np.ndarray | None
+    no_box_reason: tuple[ErrorReason, str] | None = None
 
 
 def state_digest(model: nn.Module) -> str:
@@ -143,10 +148,7 @@ class RegionDetector:
             self.model.fold_norms_()
         if self.device.type == "cpu":
             self.model.set_memory_format_(torch.channels_last)
-
-    def bucket_of(self, height_px: int, width_px: int) -> tuple[int, int]:
-        """Padded canvas ``(H, W)`` of an original image; batch only images of one bucket."""
-        return bucket_for(height_px, width_px, self.config)
+        self.rois_across_images = self.device.type == "cuda"  # one RoI head over many images; see _batches
 
     def extract(
         self, images_rgb: list[np.ndarray], given_boxes: list[np.ndarray | None] | None = None
@@ -154,7 +156,7 @@ class RegionDetector:
         """Regions of each image, in input order.
 
         Args:
-            images_rgb: uint8 ``[H, W, 3]`` RGB images, any sizes (grouped by bucket internally).
+            images_rgb: uint8 ``[H, W, 3]`` RGB images, any sizes.
             given_boxes: optional per image float ``[N, 4]`` ``xyxy`` original pixels, or None. An image with
                 boxes gets features for exactly those boxes (in their order, no selection); an image without
                 gets the detector's proposals and the configured selection.
@@ -168,24 +170,65 @@ class RegionDetector:
         """
         prepared = self._prepare_all(images_rgb, given_boxes)
         results: list[RegionOutput | None] = [None] * len(prepared)
-        for indices in self._batches(prepared):
+        runnable = []
+        for index, item in enumerate(prepared):
+            too_small = self._too_small(item) if item.given_boxes is None else None
+            if too_small is None:
+                runnable.append(index)
+            else:
+                results[index] = self._no_box(ErrorReason.IMAGE_TOO_SMALL, too_small)
+        for indices in self._batches(runnable):
             for index, output in zip(indices, self._run_group([prepared[i] for i in indices]), strict=True):
                 results[index] = output
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
 
-    def _batches(self, prepared: list[PreparedImage]) -> Iterator[list[int]]:
-        """Indices of the images run together: one bucket per batch on CUDA; one image per batch on the CPU.
+    def _too_small(self, item: PreparedImage) -> str | None:
+        """Why no RPN proposal of this image can pass the min-size rule, or None.
+
+        A proposal is clipped to the resized image, so its sides (``x2 - x1 + 1``) are at most the image's
+        resized sides, and it is kept only when both exceed ``rpn_min_size_px × scale`` (MILVLG
+        ``BUABoxes.nonempty``). When a resized side is not above that, the reference extractor finds no
+        proposal either (for ``butd-r101-c4``: any image with a side of 16 px or less, e.g. 1×1, 8×8, 4000×16).
+        """
+        net_h, net_w = int(item.tensor.shape[1]), int(item.tensor.shape[2])
+        limit = self.config.rpn_min_size_px * item.scale
+        if min(net_h, net_w) > limit:
+            return None
+        height, width = item.original_size
+        return (
+            f"image {width}x{height} px resized to {net_w}x{net_h} (scale {item.scale:.6g}): an RPN proposal "
+            f"needs both sides > {self.config.rpn_min_size_px:g} px x scale = {limit:.6g} px, so none can exist"
+        )
+
+    def _no_box(self, reason: ErrorReason, detail: str) -> RegionOutput:
+        dim, attrs = self.feature_dim, self.config.with_attributes
+        return RegionOutput(
+            boxes_xyxy_px=np.zeros((0, 4), np.float32),
+            features=np.zeros((0, dim), np.float32),
+            object_ids=np.zeros(0, np.int16),
+            object_conf=np.zeros(0, np.float32),
+            attribute_ids=np.zeros(0, np.int16) if attrs else None,
+            attribute_conf=np.zeros(0, np.float32) if attrs else None,
+            cls_prob=np.zeros((0, self.config.num_object_outputs), np.float32)
+            if self.with_cls_prob
+            else None,
+            no_box_reason=(reason, detail),
+        )
+
+    def _batches(self, indices: list[int]) -> Iterator[list[int]]:
+        """Indices of the images run together: all of them on CUDA (``rois_across_images``); one at a time on the
+        CPU.
 
         On the CPU, oneDNN picks convolution kernels by batch size (measured: 1e-6 relative differences between
-        batch 1 and 3), and batching brings no speed there, so every image runs alone and its bytes never
-        depend on its neighbours. On CUDA images of one bucket run as one batch.
+        batch 1 and 3), and batching brings no speed there, so every image runs alone. On CUDA the images of a
+        call share the RoI head's fixed-shape chunks (``RegionDetectorModel.forward``); the trunk still runs per
+        image.
         """
-        for indices in _group_by_bucket(prepared):
-            if self.device.type == "cuda":
-                yield indices
-            else:
-                yield from ([i] for i in indices)
+        if self.rois_across_images:
+            yield indices
+        else:
+            yield from ([i] for i in indices)
 
     def _prepare_all(
         self, images_rgb: list[np.ndarray], given_boxes: list[np.ndarray | None] | None
@@ -201,17 +244,11 @@ class RegionDetector:
                 raise ValueError(f"image {index}: box mode 'given' but no boxes were given")
             checked = check_given_boxes(boxes, height, width, index) if boxes is not None else None
             tensor, scale = prepare_image(image, self.config)
-            prepared.append(
-                PreparedImage(tensor, scale, (height, width), self.bucket_of(height, width), checked)
-            )
+            prepared.append(PreparedImage(tensor, scale, (height, width), checked))
         return prepared
 
     @torch.inference_mode()
     def _run_group(self, group: list[PreparedImage]) -> list[RegionOutput]:
-        canvas_h, canvas_w = group[0].bucket
-        batch = torch.zeros(len(group), 3, canvas_h, canvas_w)
-        for i, item in enumerate(group):
-            batch[i, :, : item.tensor.shape[1], : item.tensor.shape[2]] = item.tensor
         given = [
             torch.from_numpy(item.given_boxes * np.float32(item.scale)).to(self.device)
             if item.given_boxes is not None
@@ -220,10 +257,10 @@ class RegionDetector:
         ]
         with self._autocast():
             out = self.model(
-                batch.to(self.device, memory_format=self.model.memory_format),
-                [(item.tensor.shape[1], item.tensor.shape[2]) for item in group],
+                [item.tensor.to(self.device) for item in group],
                 [item.scale for item in group],
                 given,
+                rois_across_images=self.rois_across_images,
             )
         boxes_px = [
             torch.from_numpy(item.given_boxes).to(self.device)
@@ -285,11 +322,3 @@ def _to_original(rois: torch.Tensor, scale: float, original_size: tuple[int, int
     height, width = original_size
     boxes = rois.float() / scale
     return torch.minimum(boxes.clamp_min(0.0), boxes.new_tensor([width, height, width, height]))
-
-
-def _group_by_bucket(prepared: list[PreparedImage]) -> Iterator[list[int]]:
-    """Indices of images sharing a canvas, groups in order of first appearance."""
-    groups: dict[tuple[int, int], list[int]] = {}
-    for index, item in enumerate(prepared):
-        groups.setdefault(item.bucket, []).append(index)
-    yield from groups.values()

@@ -4,7 +4,7 @@ Network (Anderson et al. 2018, "Bottom-Up and Top-Down Attention"; the Caffe mod
 peteanderson80/bottom-up-attention ``models/vg/ResNet-101/faster_rcnn_end2end_final/test.prototxt``, as MILVLG
 bottom-up-attention.pytorch re-implements it)::
 
-    image (BGR − pixel means, short side 600, long ≤ 1000, padded to its size bucket)
+    image (BGR − pixel means, short side 600, long ≤ 1000, unpadded: one image at a time)
       └─ backbone: stem (7×7/2 conv, 3×3/2 max-pool, ceil mode) → res2 → res3 → res4   [B, 1024, H/16, W/16]
            ├─ proposal_generator: 3×3 conv → 2·12 objectness logits (two-way softmax) + 4·12 deltas,
            │    Caffe anchors, clip, min-size, top 6000, NMS 0.7, top 300               [P, 4] per image
@@ -24,11 +24,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torchvision.ops import nms, roi_pool
+from torchvision.ops import roi_pool
 
 from workers.detect.anchors import AnchorGenerator, decode_deltas
 from workers.detect.backbone import Backbone, ConvNorm, make_stage, valid_feature_size
 from workers.detect.config import DetectorConfig
+from workers.detect.nms import legacy_nms_ranked
 
 _ROI_CHUNK = 100  # RoIs per res5 pass (per image, so chunks never mix images: batch-size independent)
 
@@ -93,17 +94,16 @@ class ProposalGenerator(nn.Module):
         anchors = self.anchor_generator(valid_h, valid_w)
         boxes = decode_deltas(anchors, box_deltas, offset=offset, max_log_wh=cfg.max_delta_log_wh)
         boxes = _clip(boxes, height - offset, width - offset)
+        # MILVLG BUABoxes.filter_boxes (x2 > x1, y2 > y1), then BUABoxes.nonempty: keep a side + 1 > min
+        # (the Caffe proposal_layer.py kept >= min)
         side_w = boxes[:, 2] - boxes[:, 0]
         side_h = boxes[:, 3] - boxes[:, 1]
         min_side = cfg.rpn_min_size_px * scale
-        big = (side_w + offset >= min_side) & (side_h + offset >= min_side) & (side_w > 0) & (side_h > 0)
+        big = (side_w + offset > min_side) & (side_h + offset > min_side) & (side_w > 0) & (side_h > 0)
         boxes, scores = boxes[big], scores[big]
         order = torch.sort(scores, descending=True, stable=True).indices[: cfg.rpn_pre_nms_top_n]
         boxes = boxes[order]
-        # boxes are in score order: strictly decreasing stand-in scores make nms keep that (stable) order
-        rank_scores = torch.arange(boxes.shape[0], 0, -1, device=boxes.device, dtype=torch.float32)
-        nms_boxes = boxes + boxes.new_tensor([0.0, 0.0, offset, offset])  # legacy IoU = plain IoU of x2+1
-        keep = nms(nms_boxes, rank_scores, cfg.rpn_nms_iou)[: cfg.num_proposals]
+        keep = legacy_nms_ranked(boxes, cfg.rpn_nms_iou, plus_one=cfg.legacy_plus_one)[: cfg.num_proposals]
         return boxes[keep]
 
 
@@ -176,19 +176,51 @@ class RoIHeads(nn.Module):
         self.box_predictor = BoxPredictor(config)
         self.memory_format = torch.contiguous_format  # of the pooled crops fed to res5 (set_memory_format_)
 
-    def forward(self, features: torch.Tensor, rois: list[torch.Tensor]) -> list[RegionHeadOutput]:
-        """Per image i, the head outputs of its RoIs ``rois[i]`` (float ``[N_i, 4]`` network-input ``xyxy``).
+    def forward(
+        self, feature_maps: list[torch.Tensor], rois: list[torch.Tensor], *, across_images: bool = False
+    ) -> list[RegionHeadOutput]:
+        """Per image i, the head outputs of its RoIs ``rois[i]`` (float ``[N_i, 4]`` network-input ``xyxy``)
+        pooled on its own res4 map ``feature_maps[i]`` (``[1, C, Hf_i, Wf_i]``).
 
-        Each image's RoIs run in fixed chunks of their own, never mixed with another image's. The image's
-        feature map is made float32 and contiguous once, not per chunk (RoIPool's CPU kernel would copy it).
+        ``across_images=False``: each image's RoIs run in chunks of ``_ROI_CHUNK`` of their own, never mixed
+        with another image's (the CPU path: one image per call). ``True``: the pooled crops of all images run
+        through res5 and the box predictor together, in chunks of exactly ``_ROI_CHUNK`` crops (the last one
+        padded with zeros), so every kernel sees one shape whatever the images: a crop's outputs depend on that
+        crop only (RoIPool already cut it from its own image), and batching them is exact.
         """
+        if across_images:
+            return self._across_images(feature_maps, rois)
         outputs = []
-        for index, boxes in enumerate(rois):
-            feature_map = features[index : index + 1].float().contiguous()
+        for feature_map, boxes in zip(feature_maps, rois, strict=True):
+            feature_map = feature_map.float().contiguous()  # once, not per chunk (RoIPool would copy it)
             chunks = [self._pooled(feature_map, part) for part in boxes.split(_ROI_CHUNK)]
-            pooled = torch.cat(chunks) if chunks else features.new_zeros(0, self.config.feature_dim)
+            pooled = torch.cat(chunks) if chunks else feature_map.new_zeros(0, self.config.feature_dim)
             outputs.append(self.box_predictor(pooled))
         return outputs
+
+    def _across_images(
+        self, feature_maps: list[torch.Tensor], rois: list[torch.Tensor]
+    ) -> list[RegionHeadOutput]:
+        heads: list[RegionHeadOutput] = []
+        pending: list[torch.Tensor] = []
+        for feature_map, boxes in zip(feature_maps, rois, strict=True):
+            feature_map = feature_map.float().contiguous()
+            for part in boxes.split(_ROI_CHUNK):
+                pending.append(self.roi_pool(feature_map, [part]))
+                if sum(p.shape[0] for p in pending) >= _ROI_CHUNK:
+                    crops = torch.cat(pending)
+                    heads.append(self._head(crops[:_ROI_CHUNK]))
+                    pending = [crops[_ROI_CHUNK:]]
+        rest = torch.cat(pending) if pending else None
+        if rest is not None and rest.shape[0]:
+            padded = rest.new_zeros(_ROI_CHUNK, *rest.shape[1:])
+            padded[: rest.shape[0]] = rest
+            heads.append(self._head(padded))
+        return _split_heads(heads, [int(b.shape[0]) for b in rois], self.config.feature_dim)
+
+    def _head(self, crops: torch.Tensor) -> RegionHeadOutput:
+        crops = crops.contiguous(memory_format=self.memory_format)
+        return self.box_predictor(self.res5(crops).mean(dim=(2, 3)))
 
     def roi_pool(self, features: torch.Tensor, rois: list[torch.Tensor]) -> torch.Tensor:
         """RoIPool (Caffe ``ROIPooling``: rounded bins, max) of ``rois[i]`` on ``features[i]``.
@@ -204,6 +236,23 @@ class RoIHeads(nn.Module):
     def _pooled(self, feature_map: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         crops = self.roi_pool(feature_map, [boxes]).contiguous(memory_format=self.memory_format)
         return self.res5(crops).mean(dim=(2, 3))
+
+
+def _split_heads(chunks: list[RegionHeadOutput], counts: list[int], dim: int) -> list[RegionHeadOutput]:
+    """Concatenate chunked head outputs (padding rows last) and cut them into ``counts`` rows per image."""
+    if not chunks:
+        return [RegionHeadOutput(torch.zeros(0, dim), torch.zeros(0, 0), None) for _ in counts]
+    features = torch.cat([c.features for c in chunks])
+    cls_prob = torch.cat([c.cls_prob for c in chunks])
+    attrs = [c.attr_prob for c in chunks if c.attr_prob is not None]
+    attr_prob = torch.cat(attrs) if attrs else None
+    out, start = [], 0
+    for count in counts:
+        stop = start + count
+        attr = attr_prob[start:stop] if attr_prob is not None else None
+        out.append(RegionHeadOutput(features[start:stop], cls_prob[start:stop], attr))
+        start = stop
+    return out
 
 
 @dataclass(frozen=True)
@@ -233,31 +282,36 @@ class RegionDetectorModel(nn.Module):
 
     def forward(
         self,
-        images: torch.Tensor,
-        image_sizes: list[tuple[int, int]],
+        images: list[torch.Tensor],
         scales: list[float],
         given_rois: list[torch.Tensor | None],
+        *,
+        rois_across_images: bool = False,
     ) -> DetectorForward:
-        """Trunk, proposals (for images without given RoIs), RoI heads.
+        """Trunk and proposals image by image, each at its own size (no padding, no other image), then the RoI
+        heads (``RoIHeads.forward``; ``rois_across_images`` batches the pooled crops of all images).
+
+        As MILVLG bottom-up-attention.pytorch and the Caffe original run the trunk: one unpadded image. An
+        image's outputs therefore do not depend on the other images of the call, nor on their number.
 
         Args:
-            images: float ``[B, 3, H, W]`` network input (BGR minus means), in ``self.memory_format``.
-            image_sizes: per image, ``(h, w)`` of its resized image inside the canvas, network pixels.
+            images: per image, float ``[3, h_i, w_i]`` network input (BGR minus means) on the model's device.
             scales: per image, network pixels per original pixel (the RPN min-size rule).
             given_rois: per image, float32 ``[N_i, 4]`` ``xyxy`` network pixels to pool, or None (proposals).
 
         Returns:
             ``DetectorForward``.
         """
-        features = self.backbone(images)
-        need = [i for i, given in enumerate(given_rois) if given is None]
-        proposals = iter(
-            self.proposal_generator(features[need], [image_sizes[i] for i in need], [scales[i] for i in need])
-            if need
-            else []
-        )
-        rois = [given if given is not None else next(proposals) for given in given_rois]
-        return DetectorForward(rois, self.roi_heads(features, rois))
+        feature_maps, rois = [], []
+        for image, scale, given in zip(images, scales, given_rois, strict=True):
+            feature_map = self.backbone(image[None].contiguous(memory_format=self.memory_format))
+            if given is None:
+                size = (int(image.shape[1]), int(image.shape[2]))
+                given = self.proposal_generator(feature_map, [size], [scale])[0]
+            feature_maps.append(feature_map)
+            rois.append(given)
+        heads = self.roi_heads(feature_maps, rois, across_images=rois_across_images)
+        return DetectorForward(rois, heads)
 
     @property
     def cell_anchors(self) -> torch.Tensor:

@@ -31,14 +31,6 @@ def resized_size(height_px: int, width_px: int, config: DetectorConfig) -> tuple
     return max(1, round(height_px * scale)), max(1, round(width_px * scale)), scale
 
 
-def bucket_for(height_px: int, width_px: int, config: DetectorConfig) -> tuple[int, int]:
-    """Padded canvas ``(H, W)`` of an original ``height_px × width_px`` image: its network-input size rounded up
-    to a multiple of ``bucket_step_px``. Depends on the image alone."""
-    height, width, _ = resized_size(height_px, width_px, config)
-    step = config.bucket_step_px
-    return -(-height // step) * step, -(-width // step) * step
-
-
 @dataclass(frozen=True)
 class PreparedImage:
     """One image ready for the network.
@@ -47,14 +39,12 @@ class PreparedImage:
         tensor: float32 ``[3, h, w]`` BGR minus pixel means, resized (unpadded).
         scale: network-input pixels per original pixel.
         original_size: ``(H, W)`` of the original image, px.
-        bucket: padded canvas ``(H_c, W_c)``.
         given_boxes: float32 ``[N, 4]`` ``xyxy`` original pixels, or None (use proposals).
     """
 
     tensor: torch.Tensor
     scale: float
     original_size: tuple[int, int]
-    bucket: tuple[int, int]
     given_boxes: np.ndarray | None
 
 
@@ -62,7 +52,9 @@ def prepare_image(image_rgb: np.ndarray, config: DetectorConfig) -> tuple[torch.
     """uint8 RGB ``[H, W, 3]`` → float32 BGR − means ``[3, h, w]`` resized bilinearly, and its scale.
 
     As the Caffe and MILVLG extractors (py-faster-rcnn ``lib/fast_rcnn/test.py`` ``_get_image_blob``, MILVLG
-    ``utils/extract_utils.py`` ``get_image_blob``): subtract the means, then
+    ``utils/extract_utils.py`` ``get_image_blob``): subtract the float64 means in place from the float32 image
+    (numpy computes each difference in float64 and rounds it once to float32; subtracting float32 means
+    rounds the means first, up to 4e-6 apart), then
     ``cv2.resize(im, None, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)``. Passing the scale
     (not the output size) matters: OpenCV samples source pixel ``(x + 0.5) / fx - 0.5`` for output ``x``, and
     with an explicit size it uses ``w_out / w`` instead of ``fx``, a different grid for most images.
@@ -72,7 +64,10 @@ def prepare_image(image_rgb: np.ndarray, config: DetectorConfig) -> tuple[torch.
     """
     height, width = image_rgb.shape[:2]
     out_h, out_w, scale = resized_size(height, width, config)
-    bgr = image_rgb[:, :, ::-1].astype(np.float32) - np.asarray(config.pixel_means_bgr, dtype=np.float32)
+    bgr = image_rgb[:, :, ::-1].astype(np.float32)
+    bgr -= np.asarray(
+        config.pixel_means_bgr, dtype=np.float64
+    )  # in float64, stored float32 (as the reference)
     if round(height * scale) >= 1 and round(width * scale) >= 1:
         resized = cv2.resize(bgr, None, None, fx=scale, fy=scale, interpolation=cv2.INTER_LINEAR)
     else:

@@ -4,7 +4,8 @@ The rule of bottom-up attention (peteanderson80/bottom-up-attention ``tools/gene
 bottom-up-attention.pytorch ``save_roi_features``), written here as our own vectorised code:
 
 1. For each foreground class c (1..C-1), greedy NMS at ``nms_iou`` over the proposals ordered by class-c
-   score; a proposal is suppressed by a kept, higher-ranked proposal whose IoU with it is ``> nms_iou``.
+   score; a proposal is suppressed by a kept, higher-ranked proposal whose IoU with it is ``>= nms_iou``
+   (the legacy CPU NMS, ``workers.detect.nms``: MILVLG ``nms_cpu.cpp``, py-faster-rcnn ``cpu_nms.pyx``).
 2. ``max_conf[p]`` = the highest class score of p among the classes in which p survived (0 if none).
 3. Keep the proposals with ``max_conf >= conf_threshold``, in proposal order (``np.where``); fewer than the
    floor → the top ``floor`` by ``max_conf``, in descending ``max_conf`` order (``np.argsort(max_conf)[::-1]``);
@@ -18,16 +19,19 @@ One IoU matrix per image serves every class: the greedy NMS runs for all classes
 rank positions with a ``[C-1, P]`` boolean state (no Python loop over classes).
 
 Conventions: IoU with legacy ``+1`` pixel areas when ``area_plus_one`` (a box covers ``x2 - x1 + 1``
-pixels, as maskrcnn-benchmark's and py-faster-rcnn's NMS): computed as the plain IoU of the boxes
-``[x1, y1, x2 + 1, y2 + 1]``.
+pixels), computed in float32 in ``nms_cpu.cpp``'s order of operations (``workers.detect.nms.legacy_iou``).
 
-Ties: every sort here is stable and descending, so among equal scores the lower proposal index ranks first
-(in the per-class NMS and in the clamped ``max_conf`` order). The references leave ties unspecified: numpy's
-default ``argsort`` and torch's non-stable ``argsort`` order equal values differently depending on the array
-length (measured: reversed index order up to 16 elements, scrambled beyond). So the kept regions and their
-order equal ``generate_tsv.py``'s whenever the ``max_conf`` values are distinct (with ties, when equal values
-straddle the floor or cap, which of them is kept may differ). The commonest tie, ``max_conf = 0`` (suppressed
-in every class), matters only when fewer than ``floor`` proposals survive anywhere.
+Ties: every sort here is stable and descending, so among equal scores the lower proposal index (the higher
+RPN objectness) ranks first, in the per-class NMS and in the clamped ``max_conf`` order. This is a rule of our
+own, not the reference's: MILVLG sorts with torch's unstable ``sort`` / ``argsort`` and ``generate_tsv.py``
+with numpy's default ``argsort``, whose order among equal values depends on the library version and the
+array length (measured: reversed index order up to 16 elements, scrambled beyond). Ties are common with real
+proposals: RoIPool maps distinct proposals onto the same 14×14 cells (25-42 of 300 on COCO images), and those
+get identical features and class scores. Where tied proposals compete (in a class's NMS, or at the floor or
+cap of the selection), the reference's choice among them is arbitrary, and ours may differ from it; the tied
+proposals' features and scores are equal, but their boxes are not. Without ties the selection equals the
+reference's. ``max_conf = 0`` (suppressed in every class) is the commonest tie; it matters only when fewer
+than ``floor`` proposals survive anywhere.
 """
 
 from __future__ import annotations
@@ -36,9 +40,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torchvision.ops import box_iou
 
 from workers.detect.config import BoxSelectionConfig
+from workers.detect.nms import legacy_iou, suppression_threshold
 
 _WORD_BITS = 64  # suppressed-proposal sets are packed into int64 words
 
@@ -61,22 +65,6 @@ class BoxSelection:
     object_conf: np.ndarray
 
 
-def pairwise_iou(boxes_xyxy: torch.Tensor, *, plus_one: bool) -> torch.Tensor:
-    """IoU of every pair of boxes.
-
-    Args:
-        boxes_xyxy: float ``[P, 4]``, ``xyxy`` pixels.
-        plus_one: legacy convention, a box covers ``x2 - x1 + 1`` pixels.
-
-    Returns:
-        float32 ``[P, P]``.
-    """
-    boxes = boxes_xyxy.float()
-    if plus_one:
-        boxes = boxes + boxes.new_tensor([0.0, 0.0, 1.0, 1.0])
-    return box_iou(boxes, boxes)
-
-
 def per_class_nms_max_conf(
     boxes_xyxy: list[torch.Tensor], class_scores: list[torch.Tensor], *, nms_iou: float, plus_one: bool
 ) -> list[torch.Tensor]:
@@ -84,13 +72,13 @@ def per_class_nms_max_conf(
 
     All images and classes step through rank positions together: image b, class c holds a ``[P]`` bit set of
     suppressed proposals (packed in 64-bit words), its rank-r candidate is kept when its bit is clear, and a
-    kept candidate ORs its row of the image's overlap matrix (IoU ``> nms_iou``) into the set.
+    kept candidate ORs its row of the image's overlap matrix (IoU ``>= nms_iou``) into the set.
 
     Args:
         boxes_xyxy: per image, float ``[P_i, 4]`` proposals, ``xyxy`` pixels.
         class_scores: per image, float ``[P_i, C]`` scores of the classes to run NMS for (foreground only:
             the caller drops the background column), values ``>= 0``.
-        nms_iou: suppress when IoU ``>`` this.
+        nms_iou: suppress when IoU ``>=`` this (float32 threshold, as ``nms_cpu``).
         plus_one: legacy ``+1`` pixel areas.
 
     Returns:
@@ -101,12 +89,13 @@ def per_class_nms_max_conf(
     if num_props == 0:
         return [torch.zeros(0, dtype=torch.float32, device=b.device) for b in boxes_xyxy]
     device, num_classes = boxes_xyxy[0].device, class_scores[0].shape[1]
+    threshold = suppression_threshold(nms_iou).to(device)
     num_words = -(-num_props // _WORD_BITS)
     overlaps = torch.zeros(num_images, num_props, num_words * _WORD_BITS, dtype=torch.bool, device=device)
     scores = torch.full((num_images, num_classes, num_props), -1.0, device=device)  # padding ranks last
     for i, (boxes, cls_scores) in enumerate(zip(boxes_xyxy, class_scores, strict=True)):
         n = counts[i]
-        overlaps[i, :n, :n] = pairwise_iou(boxes, plus_one=plus_one) > nms_iou
+        overlaps[i, :n, :n] = legacy_iou(boxes, plus_one=plus_one) >= threshold
         scores[i, :, :n] = cls_scores.float().t()
     words = _pack_bits(overlaps.view(num_images * num_props, -1))  # (B*P, W) int64
     scores = scores.view(num_images * num_classes, num_props)  # (B*C, P)
