@@ -67,6 +67,21 @@ def aws_environment(endpoint_url: str) -> dict[str, str]:
 
 
 @contextmanager
+def environment(**values: str) -> Iterator[None]:
+    """Set environment variables for the ``with`` block; restore each one exactly (unset if it was) after."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@contextmanager
 def running_s3_server(bucket: str = DEFAULT_BUCKET) -> Iterator[S3Server]:
     """Start moto's S3 server on a free loopback port, set the AWS environment, create ``bucket``.
 
@@ -80,17 +95,10 @@ def running_s3_server(bucket: str = DEFAULT_BUCKET) -> Iterator[S3Server]:
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    environment = aws_environment(endpoint)
-    saved = {name: os.environ.get(name) for name in environment}
-    os.environ.update(environment)
     try:
-        client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
-        client.create_bucket(Bucket=bucket)
-        yield S3Server(endpoint, bucket, client)
+        with environment(**aws_environment(endpoint)):
+            client = boto3.client("s3", endpoint_url=endpoint, region_name=REGION)
+            client.create_bucket(Bucket=bucket)
+            yield S3Server(endpoint, bucket, client)
     finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         server.stop()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from faultproxy import fault_proxy
-from s3server import S3Server
+from s3server import S3Server, environment
 from tarfactory import simple_sample
 
 from pipelines import cli
@@ -55,20 +55,6 @@ def http_server(root: Path) -> Iterator[str]:
 class _QuietHandler(SimpleHTTPRequestHandler):
     def log_message(self, format: str, *args: object) -> None:
         return
-
-
-@contextlib.contextmanager
-def environment(**values: str) -> Iterator[None]:
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def samples(prefix: str, count: int, size: int = 32) -> list:
