@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import platform
 import socket
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from typing import Any
 
 import ray
@@ -38,6 +36,7 @@ from pipelines.extract_config import (
 )
 from pipelines.extract_scheduler import ShardScheduler
 from schemas.manifest import config_digest, new_manifest
+from schemas.manifest import library_versions as manifest_library_versions
 from schemas.store import SCHEMA_VERSION
 from workers.store import (
     CommittedShards,
@@ -239,13 +238,7 @@ def _provenance(info: DetectorInfo, tokenizer: Any, vocabularies: dict[str, Any]
 
 def library_versions() -> dict[str, str | None]:
     """Versions of Python and of the libraries that shape the store's bytes (None: not installed)."""
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in VERSIONED_LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
+    return manifest_library_versions(VERSIONED_LIBRARIES)
 
 
 def _run_entry(

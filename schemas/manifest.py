@@ -9,11 +9,26 @@ from __future__ import annotations
 
 import hashlib
 import json
+import platform
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from typing import Any
 
 from schemas.reasons import IGNORED_REASONS
 from schemas.store import SCHEMA_VERSION, StoreSchemaError, check_schema_version
+
+
+def library_versions(names: Iterable[str]) -> dict[str, str | None]:
+    """``{"python": "3.11.7", name: version, ...}`` for a store manifest's ``library_versions``: the installed
+    distributions' versions, None for one that is not installed. Raises nothing."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def canonical_json(obj: Any) -> bytes:

@@ -56,7 +56,7 @@ from typing import Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from schemas.manifest import ShardAccounting
+from schemas.manifest import ShardAccounting, library_versions
 from schemas.reasons import ErrorReason
 from schemas.store import NUM_OBJECT_OUTPUTS, boxes_not_inside, row_schema
 from workers.interop.safe_unpickle import UnsafePickleError, safe_loads
@@ -616,17 +616,9 @@ def import_extraction_config(
     }
 
 
-def _library_versions(source_format: SourceFormat) -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
+def _library_versions(source_format: SourceFormat) -> dict[str, str | None]:
     names = ["regionflow", "numpy", "pyarrow"] + (["lmdb"] if source_format == "vilbert-lmdb" else [])
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = "not installed"
-    return versions
+    return library_versions(names)
 
 
 def import_features(
