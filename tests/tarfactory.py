@@ -59,6 +59,14 @@ def make_png(width: int, height: int, seed: int = 0, mode: str = "RGB") -> bytes
     return encode(image, "PNG")
 
 
+def make_jpeg_declaring(width: int, height: int) -> bytes:
+    """A small real JPEG (16x16) whose SOF0 header is rewritten to declare ``width`` x ``height`` pixels."""
+    data = bytearray(make_jpeg(16, 16))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
 def make_png_header_only(width: int, height: int) -> bytes:
     """A PNG signature + IHDR declaring ``width`` x ``height`` and a tiny IDAT: a 'decompression bomb'
     header of under 100 bytes (valid CRCs; the pixel data is not there)."""

@@ -7,7 +7,7 @@ import io
 import numpy as np
 import pytest
 from PIL import Image, ImageOps
-from tarfactory import encode, make_jpeg, make_png, make_png_header_only, make_rgb
+from tarfactory import encode, make_jpeg, make_jpeg_declaring, make_png, make_png_header_only, make_rgb
 
 from schemas.reasons import ErrorReason
 from workers.read.decode import (
@@ -112,16 +112,9 @@ def test_non_image_format_is_rejected():
     assert error.reason == ErrorReason.IMAGE_UNDECODABLE and "GIF" in error.detail
 
 
-def _jpeg_declaring(width: int, height: int) -> bytes:
-    data = bytearray(make_jpeg(16, 16))
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
-    return bytes(data)
-
-
 @pytest.mark.parametrize(
     "data",
-    [_jpeg_declaring(19000, 19000), make_png_header_only(30000, 30000)],
+    [make_jpeg_declaring(19000, 19000), make_png_header_only(30000, 30000)],
     ids=["jpeg-361MP", "png-900MP"],
 )
 def test_max_pixels_is_the_only_limit_above_pillows(data: bytes) -> None:

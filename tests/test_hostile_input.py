@@ -21,6 +21,7 @@ from tarfactory import (
     caption_json,
     encode,
     make_jpeg,
+    make_jpeg_declaring,
     make_png,
     make_png_header_only,
     make_rgb,
@@ -162,20 +163,12 @@ def test_one_pixel_image(tmp_path):
     assert item.image_rgb.shape == (1, 1, 3)
 
 
-def _jpeg_with_declared_size(width: int, height: int) -> bytes:
-    """A small real JPEG whose SOF0 header is rewritten to declare ``width`` x ``height``."""
-    data = bytearray(make_jpeg(16, 16))
-    sof = data.index(b"\xff\xc0")
-    data[sof + 5 : sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
-    return bytes(data)
-
-
 @pytest.mark.parametrize(
     "bomb",
     [
         make_png_header_only(30000, 30000),  # above Pillow's own bomb limit too
-        _jpeg_with_declared_size(30000, 30000),
-        _jpeg_with_declared_size(8000, 8000),  # 64 Mpx: only our 50 Mpx default refuses it
+        make_jpeg_declaring(30000, 30000),
+        make_jpeg_declaring(8000, 8000),  # 64 Mpx: only our 50 Mpx default refuses it
         make_png_header_only(9000, 8000),
     ],
 )
