@@ -17,7 +17,8 @@ from model import losses
 from model.batch import Batch
 from model.config import TASK_TOKEN_IDS, ModelConfig
 from model.heads import CaptionDecoder, MatchHead, MLMHead, RegionHead, VQAHead
-from model.vilbert import TwoStreamModel, TwoStreamOutput, init_weights
+from model.text_checkpoint import resolve_text_checkpoint
+from model.vilbert import TwoStreamModel, TwoStreamOutput, init_weights, pretrained_mlm_head
 
 TASKS = ("pretrain", "retrieval", "vqa", "caption")
 MLM_REPLACE_WITH_MASK = 0.8  # BERT: of the chosen tokens, 80% [MASK], 10% random token, 10% unchanged
@@ -173,6 +174,10 @@ class TaskModel(nn.Module):
                 init_weights(module)
             if isinstance(head, MLMHead):
                 nn.init.zeros_(head.decoder.bias)
+        if self.config.text_init == "pretrained":  # BERT's own MLM head when the checkpoint has one (ViLBERT)
+            bert_head = pretrained_mlm_head(resolve_text_checkpoint(self.config.text_checkpoint))
+            if bert_head:
+                self.mlm_head.load_state_dict(bert_head, strict=False)  # decoder.weight: the tied embeddings
 
     @property
     def vocab_size(self) -> int:

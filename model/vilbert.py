@@ -12,6 +12,7 @@ there does not matter.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -159,6 +160,39 @@ def load_text_bert(config: ModelConfig) -> BertModel:
     bert_config.update(overrides)
     bert_config._attn_implementation = "sdpa"
     return BertModel(bert_config, add_pooling_layer=False)
+
+
+# BERT's own masked-LM head in an HF BertForPreTraining file -> `model.heads.MLMHead` names (the decoder weight is
+# the tied word embedding matrix). Older files (bert-base-uncased's pytorch_model.bin) spell LayerNorm gamma/beta.
+_BERT_MLM_HEAD = {
+    "cls.predictions.transform.dense.weight": "transform.dense.weight",
+    "cls.predictions.transform.dense.bias": "transform.dense.bias",
+    "cls.predictions.transform.LayerNorm.weight": "transform.norm.weight",
+    "cls.predictions.transform.LayerNorm.bias": "transform.norm.bias",
+    "cls.predictions.transform.LayerNorm.gamma": "transform.norm.weight",
+    "cls.predictions.transform.LayerNorm.beta": "transform.norm.bias",
+    "cls.predictions.bias": "decoder.bias",
+}
+
+
+def pretrained_mlm_head(directory: Path) -> dict[str, torch.Tensor]:
+    """BERT's pretrained masked-LM head from an HF BERT directory, under `model.heads.MLMHead` names.
+
+    vilbert-multi-task starts its MLM head from these too (``from_pretrained("bert-base-uncased")`` of
+    ``BertForMultiModalPreTraining`` fills ``cls.predictions``). Reads ``model.safetensors`` or else
+    ``pytorch_model.bin`` (``torch.load(weights_only=True)``); returns ``{}`` when the file has no such head
+    (e.g. the packaged sentence-transformers MiniLM, a bare ``BertModel``) or there is no weights file.
+    """
+    safetensors_file, bin_file = directory / "model.safetensors", directory / "pytorch_model.bin"
+    if safetensors_file.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(safetensors_file), framework="pt") as f:
+            return {_BERT_MLM_HEAD[k]: f.get_tensor(k) for k in f.keys() if k in _BERT_MLM_HEAD}
+    if bin_file.is_file():
+        state = torch.load(bin_file, map_location="cpu", weights_only=True)
+        return {_BERT_MLM_HEAD[k]: v for k, v in state.items() if k in _BERT_MLM_HEAD}
+    return {}
 
 
 def init_weights(module: nn.Module) -> None:

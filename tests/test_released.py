@@ -507,3 +507,51 @@ def test_gelu_exact_and_layernorm_eps_everywhere(tmp_path):
     assert torch.equal(F.gelu(x), F.gelu(x, approximate="none"))
     assert torch.allclose(F.gelu(x), _gelu(x), atol=1e-12)
     assert not torch.allclose(F.gelu(x, approximate="tanh"), _gelu(x), atol=1e-5)
+
+
+def test_vilbert_base_text_stream_and_mlm_head_come_from_a_bert_directory(tmp_path):
+    """Any local HF BERT directory laid out like bert-base-uncased: its 12 layers and, as vilbert-multi-task's
+    from_pretrained does, its own masked-LM head (cls.predictions); the tiny one here is written by the test."""
+    from transformers import BertConfig, BertForPreTraining
+
+    from model.text_checkpoint import packaged_checkpoint_dir
+    from model.vilbert import pretrained_mlm_head
+
+    tdir = tmp_path / "tiny-bert-base-layout"
+    bert_config = BertConfig(
+        vocab_size=VOCAB, hidden_size=TEXT, num_hidden_layers=12, num_attention_heads=HEADS,
+        intermediate_size=TEXT_FF, max_position_embeddings=POSITIONS,
+    )  # fmt: skip
+    bert = BertForPreTraining(bert_config)
+    with torch.no_grad():
+        bert.cls.predictions.bias.normal_()  # not the zeros a fresh head starts with
+    bert.save_pretrained(tdir)
+    text_dir(tdir)  # vocab.txt (config.json rewritten with the same sizes but 3 layers: restore the 12)
+    bert_config.save_pretrained(tdir)
+    config = ModelConfig.vilbert_base(
+        str(tdir), feature_dim=FEAT, visual_hidden=VIS, visual_heads=HEADS, visual_intermediate=VIS_FF,
+        co_hidden=BI, co_heads=HEADS,
+    )  # fmt: skip
+    model = TaskModel(config)
+    saved = bert.state_dict()
+    assert len(model.encoder.bert.encoder.layer) == 12
+    assert torch.equal(
+        model.encoder.bert.encoder.layer[11].output.dense.weight,
+        saved["bert.encoder.layer.11.output.dense.weight"],
+    )
+    assert torch.equal(model.mlm_head.decoder.bias, saved["cls.predictions.bias"])
+    assert torch.equal(
+        model.mlm_head.transform.norm.weight, saved["cls.predictions.transform.LayerNorm.weight"]
+    )
+    assert model.mlm_head.decoder.weight is model.encoder.word_embeddings.weight  # still tied
+    legacy = tmp_path / "legacy"  # bert-base-uncased's pytorch_model.bin spells LayerNorm gamma/beta
+    legacy.mkdir()
+    torch.save(
+        {k.replace("LayerNorm.weight", "LayerNorm.gamma"): v for k, v in saved.items()},
+        legacy / "pytorch_model.bin",
+    )
+    head = pretrained_mlm_head(legacy)
+    assert sorted(head) == sorted(model.mlm_head.state_dict().keys() - {"decoder.weight"})
+    assert torch.equal(head["transform.norm.weight"], saved["cls.predictions.transform.LayerNorm.weight"])
+    assert pretrained_mlm_head(tmp_path) == {}  # no weights file: nothing
+    assert pretrained_mlm_head(packaged_checkpoint_dir()) == {}  # MiniLM presets: heads initialised as before
