@@ -5,6 +5,8 @@
   restored afterwards, so no test sees another's state.
 - ``gpu`` marker: skipped, with the reason said, when CUDA is not available (one hook, no per-test skipif).
 - ``ray_session``: one local Ray runtime for the whole test session, started as the commands start it.
+- ``ray_cluster``: for a test that needs its own multi-node ``ray.cluster_utils.Cluster`` (marker ``cluster``):
+  the session runtime is shut down for the test and restored after it, as ``ray_session`` started it.
 - ``s3``: one loopback S3 server (``tests/s3server.py``, moto) per test module, with a bucket; the AWS
   environment points at it while the module runs.
 """
@@ -12,7 +14,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -68,11 +70,42 @@ def ray_session() -> Iterator[Any]:
     """A local Ray runtime shared by every pipeline test; shut down at the end of the session."""
     import ray
 
+    _start_session_ray()
+    yield ray
+    ray.shutdown()
+
+
+def _start_session_ray() -> None:
     from pipelines.ray_runtime import start_ray
 
     start_ray(num_cpus=RAY_TEST_CPUS, log_to_driver=False)  # as the commands start it (no-op if already up)
-    yield ray
-    ray.shutdown()
+
+
+@pytest.fixture()
+def ray_cluster() -> Iterator[Callable[[int], Any]]:
+    """``make(head_cpus)`` -> a started ``Cluster`` whose head has ``head_cpus`` CPUs (add nodes to it).
+    The session runtime is shut down first; afterwards this process disconnects, every cluster made is shut
+    down and the session runtime is started again as `ray_session` starts it."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    was_up = ray.is_initialized()
+    if was_up:
+        ray.shutdown()
+    clusters: list[Any] = []
+
+    def make(head_cpus: int) -> Any:
+        clusters.append(Cluster(initialize_head=True, head_node_args={"num_cpus": head_cpus}))
+        return clusters[-1]
+
+    try:
+        yield make
+    finally:
+        ray.shutdown()
+        for cluster in clusters:
+            cluster.shutdown()
+        if was_up:
+            _start_session_ray()
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -436,19 +437,14 @@ def _raylet_pid(node: object) -> int:
 
 @pytest.mark.cluster
 @pytest.mark.slow
-def test_node_removed_while_shards_in_flight(reference: Path, shards: list[str], tmp_path: Path) -> None:
+def test_node_removed_while_shards_in_flight(
+    reference: Path, shards: list[str], tmp_path: Path, ray_cluster: Callable[[int], Any]
+) -> None:
     """Fault 3: a 3-node ``Cluster`` (a head without CPUs, two 2-CPU workers); the extract joins it with
     ``--address``; once shard 0 is committed, the node running the detector actor is removed. Ray restarts
     the actor on the other node, shards whose read task or chunks were lost restart, and the store is
     byte-identical to the reference. The session's local runtime is shut down for the test and restored."""
-    import ray
-    from conftest import RAY_TEST_CPUS
-    from ray.cluster_utils import Cluster
-
-    was_up = ray.is_initialized()
-    if was_up:
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    cluster = ray_cluster(0)
     proc = None
     try:
         nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
@@ -467,9 +463,6 @@ def test_node_removed_while_shards_in_flight(reference: Path, shards: list[str],
         if proc is not None and proc.poll() is None:
             proc.kill()
             proc.wait()
-        cluster.shutdown()
-        if was_up:
-            ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, log_to_driver=False)
     assert (summary["shards_done"], summary["failed_shards"]) == (len(shards), [])
     assert_store_invariants(out)
     assert_stores_identical(out, reference)

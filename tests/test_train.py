@@ -168,36 +168,23 @@ def test_bad_input_is_refused(tiny_inputs, tmp_path, uninterrupted, capsys):
 
 
 @pytest.mark.cluster
-def test_local_store_refused_on_a_multi_node_cluster(tiny_inputs, tmp_path, capsys):
+def test_local_store_refused_on_a_multi_node_cluster(tiny_inputs, tmp_path, capsys, ray_cluster):
     """A 2-node ``Cluster``: a local store path is refused (exit 1, before any run file is written) unless
     ``--store-shared-fs``; an ``s3://`` store passes. No training starts. The session runtime is restored."""
-    import ray
-    from conftest import RAY_TEST_CPUS
-    from ray.cluster_utils import Cluster
-
     from pipelines.train import check_store_reachable
 
-    was_up = ray.is_initialized()
-    if was_up:
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    try:
-        cluster.add_node(num_cpus=1)
-        cluster.wait_for_nodes()
-        out = tmp_path / "run"
-        assert main([*_train_args(tiny_inputs, out), "--address", cluster.address]) == EXIT_BAD_INPUT
-        err = capsys.readouterr().err
-        assert f"store {tiny_inputs['store']} is a local path" in err
-        assert "has 2 alive nodes" in err
-        assert "s3://" in err and "mounted at the same path on every node" in err
-        assert not out.exists()
-        check_store_reachable(str(tiny_inputs["store"]), shared_fs=True)
-        check_store_reachable("s3://bucket/store", shared_fs=False)
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
-        if was_up:
-            ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, log_to_driver=False)
+    cluster = ray_cluster(1)
+    cluster.add_node(num_cpus=1)
+    cluster.wait_for_nodes()
+    out = tmp_path / "run"
+    assert main([*_train_args(tiny_inputs, out), "--address", cluster.address]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"store {tiny_inputs['store']} is a local path" in err
+    assert "has 2 alive nodes" in err
+    assert "s3://" in err and "mounted at the same path on every node" in err
+    assert not out.exists()
+    check_store_reachable(str(tiny_inputs["store"]), shared_fs=True)
+    check_store_reachable("s3://bucket/store", shared_fs=False)
 
 
 @pytest.mark.parametrize(
