@@ -291,23 +291,38 @@ SMALL_OVERRIDES: dict[str, Any] = {
 }
 
 
-def _tiny_preset(feature_dim: int) -> ModelConfig:
-    return ModelConfig.tiny(feature_dim=feature_dim)
+def _tiny_preset(feature_dim: int, text_checkpoint: str) -> ModelConfig:
+    return ModelConfig.tiny(feature_dim=feature_dim, text_checkpoint=text_checkpoint)
 
 
-def _small_preset(feature_dim: int) -> ModelConfig:
-    return ModelConfig.tiny(feature_dim=feature_dim, **SMALL_OVERRIDES)
+def _small_preset(feature_dim: int, text_checkpoint: str) -> ModelConfig:
+    return ModelConfig.tiny(feature_dim=feature_dim, text_checkpoint=text_checkpoint, **SMALL_OVERRIDES)
 
 
-def _base_preset(feature_dim: int) -> ModelConfig:
-    return ModelConfig(feature_dim=feature_dim)
+def _base_preset(feature_dim: int, text_checkpoint: str) -> ModelConfig:
+    return ModelConfig(feature_dim=feature_dim, text_checkpoint=text_checkpoint)
 
 
-# name -> (builder of the preset for a store's feature size D, one-line description for ``--help``)
-PRESETS: dict[str, tuple[typing.Callable[[int], ModelConfig], str]] = {
+def _vilbert_base_preset(feature_dim: int, text_checkpoint: str) -> ModelConfig:
+    if not text_checkpoint:  # FileNotFoundError, as for a directory that is not there
+        raise FileNotFoundError(
+            "the vilbert-base preset needs a BERT directory laid out like bert-base-uncased (config.json, "
+            "vocab.txt, weights); the packaged MiniLM (6 x 384) is not BERT-base"
+        )
+    return ModelConfig.vilbert_base(text_checkpoint, feature_dim=feature_dim)
+
+
+# name -> (builder of the preset for a store's feature size D and a text directory ("" = the packaged MiniLM),
+# one-line description for ``--help``)
+PRESETS: dict[str, tuple[typing.Callable[[int, str], ModelConfig], str]] = {
     "tiny": (_tiny_preset, "tests: random 2-layer text of width 32"),
     "small": (_small_preset, "the CPU demo: random-init text of width 128, ~5.6M parameters"),
     "base": (_base_preset, "pretrained MiniLM text (the packaged checkpoint), ~80M parameters"),
+    "vilbert-base": (
+        _vilbert_base_preset,
+        "ViLBERT's bert_base_6layer_6conect (the released checkpoints'): BERT-base text from a "
+        "bert-base-uncased directory, 6 x 1024 visual, 6 co-attention blocks, ~250M parameters",
+    ),
 }
 
 
@@ -318,6 +333,7 @@ def preset_config(
     text_layers: int = 0,
     contrastive_weight: float = 0.0,
     hard_negatives: bool = False,
+    text_checkpoint: str = "",
 ) -> ModelConfig:
     """The `ModelConfig` of a named preset (`PRESETS`) for a store's feature size, with the run's head settings.
 
@@ -327,13 +343,16 @@ def preset_config(
         num_answers: VQA answer vocabulary size (0 = no VQA head).
         text_layers: BERT layers used (0 = the preset's); the Co-TRM blocks move to the last ones.
         contrastive_weight, hard_negatives: see `ModelConfig`.
+        text_checkpoint: HF BERT directory of the text stream ("" = the packaged MiniLM; required by
+            "vilbert-base").
 
     Raises:
         ValueError: unknown preset, or a resulting config that fails `ModelConfig` validation.
+        FileNotFoundError: "vilbert-base" without ``text_checkpoint``.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown model preset {preset!r}; known: {', '.join(PRESETS)}")
-    base = PRESETS[preset][0](feature_dim)
+    base = PRESETS[preset][0](feature_dim, text_checkpoint)
     changes: dict[str, Any] = {
         "num_answers": num_answers,
         "contrastive_weight": contrastive_weight,

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from model.batch import Batch
-from model.config import ModelConfig
+from model.config import ModelConfig, preset_config
 from model.released import (
     ReleasedCheckpointError,
     check_store_feature_dim,
@@ -493,6 +493,11 @@ def test_vilbert_base_is_bert_base_6layer_6conect(tmp_path):
     assert covered == set(shapes) - {"region_head.feature.weight", "region_head.feature.bias"}
     with pytest.raises(ValueError, match="bert-base-uncased-like"):
         ModelConfig.vilbert_base("")
+    assert preset_config(
+        "vilbert-base", 2048, num_answers=7, text_checkpoint=str(tdir)
+    ) == dataclasses.replace(config, num_answers=7)
+    with pytest.raises(FileNotFoundError, match="vilbert-base preset needs a BERT directory"):
+        preset_config("vilbert-base", 2048)
 
 
 def test_gelu_exact_and_layernorm_eps_everywhere(tmp_path):
