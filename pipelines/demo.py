@@ -36,6 +36,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipelines.cli import EXIT_CODES_HELP, ExitCode, HelpFormatter, Parser
+
 DEMO_MARKER = ".regionflow-demo"  # marks a directory this script created, so a rerun may replace its parts
 SUBDIRS = ("corpus", "store", "run", "pictures", "logs")
 TARGETS = {"text_to_image_recall_at_1": 0.8, "vqa_accuracy": 0.9, "wall_time_s": 15 * 60}
@@ -488,7 +490,12 @@ def run_demo(config: DemoConfig, out: Path) -> dict[str, Any]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipelines.demo", description=__doc__.splitlines()[0])
+    parser = Parser(
+        prog="python -m pipelines.demo",
+        description=__doc__.splitlines()[0],
+        epilog=EXIT_CODES_HELP,
+        formatter_class=HelpFormatter,
+    )
     parser.add_argument("--out", required=True, help="output folder (created; a previous demo's is replaced)")
     defaults = DemoConfig()
     for name in ("images", "samples_per_shard", "max_steps", "batch_size", "workers", "pictures"):
@@ -527,11 +534,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = run_demo(config, Path(args.out))
     except DemoError as exc:
         print(f"[demo] FAILED: {exc}", file=sys.stderr)
-        return 1
+        return ExitCode.RUN_FAILED
     print()
     print(results_markdown(summary))
     print(f"[demo] report: {Path(args.out) / 'demo-report.md'}; pictures: {Path(args.out) / 'pictures'}")
-    return 0
+    return ExitCode.OK
 
 
 if __name__ == "__main__":
