@@ -174,7 +174,7 @@ def _map(
     released = source if isinstance(source, ReleasedFile) else read_released(source)
     path, state, kind = released.path, released.state, released.kind
     targets = model.state_dict(keep_vars=True)
-    _check_text_dir(path, state, config)
+    _check_text_dir(path, state, config, int(targets[WORD_EMBEDDINGS].shape[1]))
     _check_specific(path, state, config, kind)
     pairs = key_pairs(config, kind)
     expected = {r for r, _ in pairs}
@@ -226,8 +226,9 @@ def _fill_aliases(ours: dict[str, torch.Tensor], targets: dict[str, torch.Tensor
                 ours[name] = ours[source]
 
 
-def _check_text_dir(path: str, state: dict[str, torch.Tensor], config: ModelConfig) -> None:
-    """The text directory's vocabulary (config.json ``vocab_size``, ``vocab.txt`` lines) = the checkpoint's."""
+def _check_text_dir(path: str, state: dict[str, torch.Tensor], config: ModelConfig, text_hidden: int) -> None:
+    """The text directory's vocabulary (config.json ``vocab_size``, ``vocab.txt`` lines) and the text stream's
+    width (``text_hidden``, from the directory or the config's override) = the checkpoint's."""
     word = state.get(WORD_EMBEDDINGS.removeprefix("encoder."))
     if word is None:
         return  # reported with the other missing keys
@@ -246,6 +247,11 @@ def _check_text_dir(path: str, state: dict[str, torch.Tensor], config: ModelConf
                 f"{path}: the checkpoint's vocabulary has {rows} tokens but text directory {directory} has "
                 f"{size} ({what}): use the BERT directory the checkpoint was trained with (bert-base-uncased)"
             )
+    if int(word.shape[1]) != text_hidden:
+        raise ReleasedCheckpointError(
+            f"{path}: the checkpoint's text stream is {int(word.shape[1])} wide but the model's, from text "
+            f"directory {directory}, is {text_hidden}: use the BERT directory the checkpoint was trained with"
+        )
 
 
 def _check_specific(path: str, state: dict[str, torch.Tensor], config: ModelConfig, kind: str) -> None:

@@ -431,6 +431,8 @@ def test_text_dir_vocabulary_must_match(tmp_path):
         path, tiny_config(text_dir(tmp_path / "a", vocab=100))
     )
     assert "has 119 (vocab.txt)" in _error(path, tiny_config(text_dir(tmp_path / "b", vocab_lines=119)))
+    wide = tiny_config(text_dir(tmp_path / "c"), text_hidden=2 * TEXT)
+    assert f"text stream is {TEXT} wide but the model's, from text directory" in _error(path, wide)
 
 
 def test_legacy_spellings_are_read(tmp_path):
