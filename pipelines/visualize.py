@@ -28,10 +28,10 @@ import numpy as np
 import pyarrow.compute as pc
 
 from pipelines.cli import ExitCode, fail
+from schemas.reasons import SampleRejected
 from schemas.store import StoreSchemaError
 from workers.corpus.drawing import DrawingConfig, RegionLabel, class_name, draw_regions
 from workers.read.reader import ReaderConfig, SampleError, ShardReader
-from workers.read.rejection import SampleRejected
 from workers.read.urls import ShardReadError, check_shard_urls, shard_id_of
 from workers.store import StoreReader
 

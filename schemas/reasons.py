@@ -54,3 +54,18 @@ class IgnoredReason(StrEnum):
 
 ERROR_REASONS: tuple[str, ...] = tuple(r.value for r in ErrorReason)
 IGNORED_REASONS: tuple[str, ...] = tuple(r.value for r in IgnoredReason)
+
+
+class SampleRejected(Exception):
+    """A per-sample check failed: the sample becomes an error row with ``reason`` (the reader turns it into a
+    row of the shard's error table, docs/design.md §9 *Accounting*).
+
+    Attributes:
+        reason: the error-table reason code.
+        detail: deterministic text (no object addresses, no timestamps) saying what was wrong.
+    """
+
+    def __init__(self, reason: ErrorReason, detail: str) -> None:
+        super().__init__(f"{reason.value}: {detail}")
+        self.reason = reason
+        self.detail = detail

@@ -9,14 +9,13 @@ import pytest
 from PIL import Image, ImageOps
 from tarfactory import encode, make_jpeg, make_jpeg_declaring, make_png, make_png_header_only, make_rgb
 
-from schemas.reasons import ErrorReason
+from schemas.reasons import ErrorReason, SampleRejected
 from workers.read.decode import (
     apply_orientation,
     check_jpeg_structure,
     decode_image,
     read_header,
 )
-from workers.read.rejection import SampleRejected
 
 LIMIT = 50_000_000
 

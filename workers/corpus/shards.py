@@ -26,11 +26,11 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from schemas.reasons import SampleRejected
 from workers.corpus.tar_writer import write_tar
 from workers.read.captions import image_id_from_key
 from workers.read.decode import read_header
 from workers.read.reader import IMAGE_EXTENSIONS
-from workers.read.rejection import SampleRejected
 
 log = logging.getLogger(__name__)
 

@@ -19,9 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from schemas.reasons import ErrorReason
+from schemas.reasons import ErrorReason, SampleRejected
 from schemas.store import boxes_not_inside
-from workers.read.rejection import SampleRejected
 
 BOX_FORMATS = ("xyxy", "xywh")
 BOX_TOLERANCE_PX = 1.0  # coordinates up to this far outside the image are clipped onto its border

@@ -53,8 +53,7 @@ import cv2
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from schemas.reasons import ErrorReason
-from workers.read.rejection import SampleRejected
+from schemas.reasons import ErrorReason, SampleRejected
 
 log = logging.getLogger(__name__)
 

@@ -45,7 +45,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from schemas.reasons import ErrorReason, IgnoredReason
+from schemas.reasons import ErrorReason, IgnoredReason, SampleRejected
 from workers.read.captions import (
     image_id_from_key,
     parse_json_metadata,
@@ -53,7 +53,6 @@ from workers.read.captions import (
     validate_boxes,
 )
 from workers.read.decode import OPENCV_MAX_PIXELS_ENV, decode_image, opencv_pixel_limit
-from workers.read.rejection import SampleRejected
 from workers.read.tarstream import TarDamage, TarEntry, iter_tar_entries
 from workers.read.urls import (  # noqa: F401  (ShardReadError, expand_shard_urls: re-exported)
     ShardReadError,
