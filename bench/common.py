@@ -16,7 +16,6 @@ one and two threads ran the tiny detector ~10x slower than one. The benchmarks t
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import os
 import platform
@@ -113,13 +112,9 @@ def machine_info() -> dict[str, Any]:
 
 def versions() -> dict[str, str | None]:
     """Python and the installed versions of the libraries the benchmarks touch (None: not installed)."""
-    out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in LIBRARIES:
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = None
-    return out
+    from schemas.manifest import library_versions
+
+    return library_versions(LIBRARIES)
 
 
 def write_result(name: str, result: dict[str, Any], out: Path | None = None) -> Path:

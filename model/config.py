@@ -11,12 +11,14 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
+from schemas.store import NUM_OBJECT_OUTPUTS
+
 FUSIONS = ("product", "concat")
 TEXT_INITS = ("pretrained", "random")
 MRM_REGRESSION_LOSSES = ("mse", "smooth_l1")
 VISUAL_EMBEDDING_NORMS = ("separate", "joint")
 MATCH_OUTPUTS = (1, 2)
-NUM_DETECTOR_CLASSES = 1601  # bottom-up attention: 1600 Visual Genome classes + background
+NUM_DETECTOR_CLASSES = NUM_OBJECT_OUTPUTS  # 1601: 1600 Visual Genome classes + background (schemas.store)
 LOCATION_DIM = 5  # [x1/W, y1/H, x2/W, y2/H, area/(W*H)]
 # 12-in-1 task-token ids of regionflow's tasks (vilbert-multi-task ``vilbert_tasks.yml``: TASK1 VQA,
 # TASK7 RetrievalCOCO); used only when ``ModelConfig.num_task_tokens > 0``. Pretraining and captioning were

@@ -20,7 +20,7 @@ import torch
 
 from model.config import ModelConfig
 from model.released_keys import KINDS, WORD_EMBEDDINGS, key_pairs, unused_shapes
-from model.text_checkpoint import resolve_text_checkpoint
+from schemas.text_checkpoint import resolve_text_checkpoint
 
 HEAD_PREFIXES = ("region_head.", "match_head.", "vqa_head.")  # may be re-initialised with heads_may_differ
 SHOWN = 4  # keys listed in an error message

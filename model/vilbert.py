@@ -21,7 +21,7 @@ from transformers import BertConfig, BertModel
 
 from model.coattention import LAYER_NORM_EPS, MASK_VALUE, CoTransformerBlock, TransformerLayer
 from model.config import LOCATION_DIM, ModelConfig
-from model.text_checkpoint import resolve_text_checkpoint
+from schemas.text_checkpoint import resolve_text_checkpoint
 
 INIT_STD = 0.02  # BERT's initializer_range
 

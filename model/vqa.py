@@ -387,42 +387,6 @@ def _argmax(counts: Counter[str]) -> str:
     return min(counts, key=lambda a: (-counts[a], a))
 
 
-# ------------------------------------------------------------------------------------------ tokenisation
-def load_tokenizer(checkpoint_dir: str | Path) -> Any:
-    """The BERT WordPiece ``tokenizers.Tokenizer`` of a checkpoint directory, with its own truncation and
-    padding switched off (we truncate and pad ourselves).
-
-    Raises:
-        FileNotFoundError: no ``tokenizer.json`` in ``checkpoint_dir``.
-    """
-    from tokenizers import Tokenizer
-
-    path = Path(checkpoint_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no tokenizer.json in the text checkpoint directory")
-    tokenizer = Tokenizer.from_file(str(path))
-    tokenizer.no_truncation()
-    tokenizer.no_padding()
-    return tokenizer
-
-
-def tokenize_questions(
-    tokenizer: Any, texts: Sequence[str], max_tokens: int = DEFAULT_MAX_QUESTION_TOKENS
-) -> list[list[int]]:
-    """``[CLS] ... [SEP]`` ids of each question, cut to ``max_tokens`` (``[SEP]`` kept last when cut).
-
-    Raises:
-        ValueError: ``max_tokens < 3``.
-    """
-    if max_tokens < 3:
-        raise ValueError(f"max_tokens must be >= 3, got {max_tokens}")
-    out = []
-    for encoding in tokenizer.encode_batch(list(texts)):
-        ids = list(encoding.ids)
-        out.append(ids if len(ids) <= max_tokens else [*ids[: max_tokens - 1], ids[-1]])
-    return out
-
-
 # ---------------------------------------------------------------------------------------- store splits
 @dataclass(frozen=True)
 class VqaSplit:

@@ -45,7 +45,6 @@ log = logging.getLogger(__name__)
 EVAL_DIR = "eval"
 CONTROLS = ("none", "shuffle_visual", "shuffle_features")
 DEFAULT_EVAL_BATCH = 64
-CAPTION_PROMPT = (101, 102)  # [CLS] [SEP]: the text input of caption generation batches
 RERANK_MARGIN = 2.0  # non-re-ranked candidates sit this far below the lowest re-ranked logit
 
 
@@ -313,15 +312,15 @@ def evaluate_vqa(
     config: Any,
 ) -> dict[str, Any]:
     """Official VQA accuracy on held-out questions and the majority baseline fitted on training questions."""
-    from model.text_checkpoint import resolve_text_checkpoint
     from model.vqa import (
+        DEFAULT_MAX_QUESTION_TOKENS,
         MajorityBaseline,
-        load_tokenizer,
         load_vqa,
         split_questions,
-        tokenize_questions,
         vqa_accuracy,
     )
+    from schemas.text_checkpoint import resolve_text_checkpoint
+    from workers.read.tokenizer import CaptionTokenizer
 
     if not (args.vqa_questions and args.vqa_annotations):
         raise EvalInputError("--task vqa needs --vqa-questions and --vqa-annotations")
@@ -332,12 +331,9 @@ def evaluate_vqa(
     held = parts["heldout"]
     if not held.questions:
         raise EvalInputError("no VQA question names a held-out image: the held-out VQA split is empty")
-    max_tokens = run_info["train"].get("max_question_tokens", 23)
-    ids = tokenize_questions(
-        load_tokenizer(resolve_text_checkpoint(config.text_checkpoint)),
-        [q.question for q in held.questions],
-        max_tokens,
-    )
+    max_tokens = run_info["train"].get("max_question_tokens", DEFAULT_MAX_QUESTION_TOKENS)
+    tokenizer = CaptionTokenizer(str(resolve_text_checkpoint(config.text_checkpoint)), max_tokens=max_tokens)
+    ids = tokenizer.encode([q.question for q in held.questions]).input_ids
     logits = scorer.run_batches(
         "vqa",
         list(zip(ids, held.image_index.tolist(), strict=True)),
@@ -364,8 +360,8 @@ def evaluate_captions(
 ) -> dict[str, Any]:
     """BLEU-4 / CIDEr of one generated caption per held-out image with reference captions."""
     from model.metrics import caption_metrics
-    from model.text_checkpoint import resolve_text_checkpoint
-    from model.vqa import load_tokenizer
+    from schemas.text_checkpoint import resolve_text_checkpoint
+    from workers.read.tokenizer import CaptionTokenizer
 
     columns = [int(i) for i in heldout if images.num_captions()[i] > 0]
     if not columns:
@@ -373,11 +369,11 @@ def evaluate_captions(
     max_tokens = config.max_caption_tokens - 2
     generated = scorer.run_batches(
         "caption_generation",
-        [(CAPTION_PROMPT, i) for i in columns],
+        [((config.cls_token_id, config.sep_token_id), i) for i in columns],  # "[CLS] [SEP]": text-free
         lambda b: scorer.model.generate_captions(b, max_tokens, beam_size),
     )
-    tokenizer = load_tokenizer(resolve_text_checkpoint(config.text_checkpoint))
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) for chunk in generated for ids in chunk]
+    tokenizer = CaptionTokenizer(str(resolve_text_checkpoint(config.text_checkpoint)))
+    texts = [tokenizer.decode(ids) for chunk in generated for ids in chunk]
     refs = {str(i): images.captions(i) for i in columns}
     metrics = caption_metrics(refs, dict(zip(refs, texts, strict=True))).to_dict()
     metrics["decoding"] = "greedy" if beam_size == 1 else f"beam search, beam {beam_size}"

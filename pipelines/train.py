@@ -551,13 +551,15 @@ def vqa_items(
     images: StoreImages, config: TrainConfig, model_config: Any, vocab: list[str], split: str
 ) -> QuestionItems:
     """VQA items of ``split`` with soft-score targets over ``vocab`` (questions tokenised with the text checkpoint)."""
-    from model.text_checkpoint import resolve_text_checkpoint
-    from model.vqa import load_tokenizer, soft_targets, tokenize_questions
+    from model.vqa import soft_targets
+    from schemas.text_checkpoint import resolve_text_checkpoint
+    from workers.read.tokenizer import CaptionTokenizer
 
     held = images.split_mask(config.holdout_fraction)
     part = _vqa_split(images, held, config.vqa_questions, config.vqa_annotations)[split]
-    tokenizer = load_tokenizer(resolve_text_checkpoint(model_config.text_checkpoint))
-    ids = tokenize_questions(tokenizer, [q.question for q in part.questions], config.max_question_tokens)
+    checkpoint = str(resolve_text_checkpoint(model_config.text_checkpoint))
+    tokenizer = CaptionTokenizer(checkpoint, max_tokens=config.max_question_tokens)
+    ids = tokenizer.encode([q.question for q in part.questions]).input_ids
     index = {a: i for i, a in enumerate(vocab)}
     targets = np.stack([soft_targets(q, index) for q in part.questions]) if part.questions else None
     return QuestionItems(images, ids, part.image_index, targets)

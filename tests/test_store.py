@@ -248,3 +248,18 @@ def test_box_rule_is_inside_with_area_and_per_box_sizes() -> None:
     assert boxes_not_inside(boxes, 10, 8).tolist() == [False, True, True, True, True, True]
     widths = np.array([9, 10, 10, 10, 11, 10])
     assert boxes_not_inside(boxes, widths, 8).tolist() == [True, True, True, True, False, True]
+
+
+def test_library_versions_one_recorder() -> None:
+    """``schemas.manifest.library_versions``: Python first, installed versions, None when not installed."""
+    import platform
+    from importlib import metadata
+
+    from schemas.manifest import library_versions
+
+    versions = library_versions(["numpy", "no-such-distribution-x"])
+    assert versions == {
+        "python": platform.python_version(),
+        "numpy": metadata.version("numpy"),
+        "no-such-distribution-x": None,
+    }

@@ -70,3 +70,15 @@ def test_errors(tmp_path):
         CaptionTokenizer(str(tmp_path))
     with pytest.raises(ValueError):
         CaptionTokenizer(max_tokens=2)
+
+
+def test_one_tokenizer_for_questions_and_decoding() -> None:
+    """VQA questions use the caption tokenizer at 23 tokens: ``[SEP]`` kept last when cut; decode drops the
+    special tokens (model/vqa.py's second tokenizer is gone)."""
+    from model.vqa import DEFAULT_MAX_QUESTION_TOKENS
+
+    tokenizer = CaptionTokenizer(max_tokens=DEFAULT_MAX_QUESTION_TOKENS)
+    long_question = "what " * 40 + "is it?"
+    ids = tokenizer.encode([long_question, "is it red?"]).input_ids
+    assert len(ids[0]) == DEFAULT_MAX_QUESTION_TOKENS and ids[0][0] == 101 and ids[0][-1] == 102
+    assert tokenizer.decode(ids[1]) == "is it red?"

