@@ -17,8 +17,8 @@ from model import losses
 from model.batch import Batch
 from model.config import TASK_TOKEN_IDS, ModelConfig
 from model.heads import CaptionDecoder, MatchHead, MLMHead, RegionHead, VQAHead
-from model.text_checkpoint import resolve_text_checkpoint
 from model.vilbert import TwoStreamModel, TwoStreamOutput, init_weights, pretrained_mlm_head
+from schemas.text_checkpoint import resolve_text_checkpoint
 
 TASKS = ("pretrain", "retrieval", "vqa", "caption")
 MLM_REPLACE_WITH_MASK = 0.8  # BERT: of the chosen tokens, 80% [MASK], 10% random token, 10% unchanged

@@ -521,8 +521,8 @@ def test_vilbert_base_text_stream_and_mlm_head_come_from_a_bert_directory(tmp_pa
     from_pretrained does, its own masked-LM head (cls.predictions); the tiny one here is written by the test."""
     from transformers import BertConfig, BertForPreTraining
 
-    from model.text_checkpoint import packaged_checkpoint_dir
     from model.vilbert import pretrained_mlm_head
+    from schemas.text_checkpoint import packaged_checkpoint_dir
 
     tdir = tmp_path / "tiny-bert-base-layout"
     bert_config = BertConfig(
