@@ -13,14 +13,8 @@ import numpy as np
 import pytest
 
 from pipelines.cli import main as cli_main
-from workers.corpus.synth import (
-    COLOURS,
-    SHAPE_ASPECTS,
-    SHAPES,
-    SynthConfig,
-    duplicate_caption_share,
-    write_corpus,
-)
+from workers.corpus.synth import SynthConfig, duplicate_caption_share, write_corpus
+from workers.corpus.synth_scene import COLOURS, SHAPE_ASPECTS, SHAPES
 
 NUM_IMAGES = 24
 PER_SHARD = 10
