@@ -74,7 +74,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--images",
         nargs="+",
         metavar="SHARD_URL",
-        help="input shard(s) holding the image (default: the URLs recorded by the store's extraction run)",
+        help="input shard(s) holding the image (default: the source recorded in the shard's done marker)",
     )
     parser.add_argument("--scale", type=float, default=1.0, help="resize factor of the picture (default 1)")
     parser.add_argument(
