@@ -8,18 +8,8 @@ from pathlib import Path
 import pytest
 
 from pipelines.cli import build_parser
-from pipelines.demo import (
-    DEMO_MARKER,
-    DemoConfig,
-    DemoError,
-    DemoPaths,
-    caption_duplicates,
-    heldout_keys,
-    prepare_out,
-    results_markdown,
-    stage_plan,
-    target_lines,
-)
+from pipelines.demo_report import caption_duplicates, heldout_keys, results_markdown, target_lines
+from pipelines.demo_stages import DEMO_MARKER, DemoConfig, DemoError, DemoPaths, prepare_out, stage_plan
 from workers.corpus.synth import write_corpus
 
 
