@@ -16,6 +16,10 @@ from pipelines.demo_stages import TEXT_STREAMS, DemoError, DemoPaths, box_flags
 
 TARGETS = {"text_to_image_recall_at_1": 0.8, "vqa_accuracy": 0.9, "wall_time_s": 15 * 60}
 TARGET_CANDIDATES = 100
+CONTROLS = (  # the evaluate controls: (report name, label in the table)
+    ("shuffle_visual", "control: shuffled visual rows"),
+    ("shuffle_features", "control: shuffled features"),
+)
 
 
 # ------------------------------------------------------------------------------------------- the corpus
@@ -124,12 +128,12 @@ def _weighted_tasks(config: dict[str, Any]) -> str:
     return ", ".join(f"{t} ({w})" for t, w in zip(config["tasks"], weights, strict=True)) + " steps per cycle"
 
 
-def results_markdown(summary: dict[str, Any]) -> str:
-    """The results table and context lines as Markdown."""
-    results, config = summary["results"], summary["config"]
-    main = results["none"]
-    lines = ["# regionflow demo results", ""]
-    lines += [
+def _context_lines(summary: dict[str, Any]) -> list[str]:
+    """The title and one paragraph: corpus, held-out images, features, model, steps, tasks."""
+    config = summary["config"]
+    return [
+        "# regionflow demo results",
+        "",
         f"Corpus: {config['images']} synthetic images (seed {config['seed']}), "
         f"{summary['heldout_images']} held out by key hash (fraction {config['holdout_fraction']}). "
         f"Features: `extract --config tiny {' '.join(box_flags(config.get('boxes', 'given'), config.get('num_boxes', 0)))}` "
@@ -138,43 +142,62 @@ def results_markdown(summary: dict[str, Any]) -> str:
         f"{config['max_steps']} steps of batch {config['batch_size']} per worker, {config['workers']} Ray Train "
         f"workers on CPU, tasks {_weighted_tasks(config)}.",
         "",
+    ]
+
+
+def _retrieval_section(results: dict[str, Any]) -> list[str]:
+    """Recall@1/5/10 of the model and each control, both directions, and how retrieval was scored."""
+    lines = [
         "## Retrieval (held-out images; recall@1 / @5 / @10)",
         "",
         "| run | direction | R@1 | R@5 | R@10 | candidates | chance @1 / @5 / @10 |",
         "|---|---|---|---|---|---|---|",
     ]
-    for control, label in (("none", "model"), ("shuffle_visual", "control: shuffled visual rows"),
-                           ("shuffle_features", "control: shuffled features")):  # fmt: skip
+    for control, label in (("none", "model"), *CONTROLS):
         if "retrieval" in results[control]:
             lines += _retrieval_rows(label, results[control])
-    lines += ["", f"Scoring: {main['retrieval']['scoring']}", ""]
-    if "vqa" in main:
-        lines += ["## VQA (official accuracy, held-out questions)", "", "| run | accuracy | questions |",
-                  "|---|---|---|"]  # fmt: skip
-        lines.append(f"| model | {_pct(main['vqa']['accuracy'])} | {main['vqa']['num_questions']} |")
-        lines.append(
-            f"| baseline: {main['vqa']['baseline_kind'] or 'majority answer'} "
-            f"| {_pct(main['vqa']['majority_baseline'])} | {main['vqa']['num_questions']} |"
-        )
-        for control, label in (("shuffle_visual", "control: shuffled visual rows"),
-                               ("shuffle_features", "control: shuffled features")):  # fmt: skip
-            if "vqa" in results[control]:
-                lines.append(f"| {label} | {_pct(results[control]['vqa']['accuracy'])} | |")
-        lines += ["", "| question type | model | majority baseline |", "|---|---|---|"]
-        for qtype, acc in main["vqa"]["per_question_type"].items():
-            base = main["vqa"]["baseline_per_question_type"].get(qtype)
-            lines.append(f"| {qtype} | {_pct(acc)} | {_pct(base)} |")
-        lines.append("")
-    if "caption" in main:
-        cap = main["caption"]
-        lines += ["## Captioning (held-out images)", "",
-                  f"BLEU-4 {cap['bleu4']:.3f}, CIDEr {cap['cider']:.3f} on {cap['num_images']} images "
-                  f"({cap['decoding']} decoding).", ""]  # fmt: skip
-        for example in cap.get("examples", []):
-            lines.append(f"- generated: “{example['generated']}” — reference: “{example['reference']}”")
-        lines.append("")
+    return lines + ["", f"Scoring: {results['none']['retrieval']['scoring']}", ""]
+
+
+def _vqa_section(results: dict[str, Any]) -> list[str]:
+    """VQA accuracy of the model, the baseline and the controls, then per question type (none without VQA)."""
+    main = results["none"]
+    if "vqa" not in main:
+        return []
+    lines = ["## VQA (official accuracy, held-out questions)", "", "| run | accuracy | questions |",
+             "|---|---|---|"]  # fmt: skip
+    lines.append(f"| model | {_pct(main['vqa']['accuracy'])} | {main['vqa']['num_questions']} |")
+    lines.append(
+        f"| baseline: {main['vqa']['baseline_kind'] or 'majority answer'} "
+        f"| {_pct(main['vqa']['majority_baseline'])} | {main['vqa']['num_questions']} |"
+    )
+    for control, label in CONTROLS:
+        if "vqa" in results[control]:
+            lines.append(f"| {label} | {_pct(results[control]['vqa']['accuracy'])} | |")
+    lines += ["", "| question type | model | majority baseline |", "|---|---|---|"]
+    for qtype, acc in main["vqa"]["per_question_type"].items():
+        base = main["vqa"]["baseline_per_question_type"].get(qtype)
+        lines.append(f"| {qtype} | {_pct(acc)} | {_pct(base)} |")
+    return lines + [""]
+
+
+def _caption_section(main: dict[str, Any]) -> list[str]:
+    """BLEU-4 and CIDEr of the model with a few generated captions (none without captioning)."""
+    if "caption" not in main:
+        return []
+    cap = main["caption"]
+    lines = ["## Captioning (held-out images)", "",
+             f"BLEU-4 {cap['bleu4']:.3f}, CIDEr {cap['cider']:.3f} on {cap['num_images']} images "
+             f"({cap['decoding']} decoding).", ""]  # fmt: skip
+    for example in cap.get("examples", []):
+        lines.append(f"- generated: “{example['generated']}” — reference: “{example['reference']}”")
+    return lines + [""]
+
+
+def _closing_lines(summary: dict[str, Any]) -> list[str]:
+    """The duplicate-caption share, the targets, the stage times, the reports and the pictures."""
     dup = summary["duplicate_captions"]
-    lines += [
+    lines = [
         "## Corpus",
         "",
         f"Duplicate-caption share (captions whose exact text also captions another image): "
@@ -187,7 +210,7 @@ def results_markdown(summary: dict[str, Any]) -> str:
     lines += ["", "## Stages (wall time)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {s['name']} | {s['seconds']:.1f} |" for s in summary["stages"]]
     lines += [f"| **total** | **{summary['wall_time_s']:.1f}** |", ""]
-    lines += [
+    return lines + [
         "Reports: " + ", ".join(summary["reports"]),
         "",
         "Pictures: "
@@ -196,6 +219,13 @@ def results_markdown(summary: dict[str, Any]) -> str:
         "and confidence: without weights they carry no meaning; training progress is in run/losses.jsonl)",
         "",
     ]
+
+
+def results_markdown(summary: dict[str, Any]) -> str:
+    """The results table and context lines as Markdown."""
+    results = summary["results"]
+    lines = _context_lines(summary) + _retrieval_section(results) + _vqa_section(results)
+    lines += _caption_section(results["none"]) + _closing_lines(summary)
     return "\n".join(lines)
 
 
