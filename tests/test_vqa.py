@@ -17,13 +17,12 @@ from model.vqa import (
     build_answer_vocab,
     join_to_store,
     load_vqa,
-    process_digit_article,
-    process_punctuation,
     question_accuracy,
     soft_score,
     soft_targets,
     vqa_accuracy,
 )
+from model.vqa_normalize import process_digit_article, process_punctuation
 
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "data" / "vqa2-sample"
 
