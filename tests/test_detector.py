@@ -378,6 +378,25 @@ def test_outputs_do_not_depend_on_the_batch(tiny, across_images):
             np.testing.assert_array_equal(batched.attribute_conf, alone[i].attribute_conf)
 
 
+@pytest.mark.parametrize("across_images", [False, True])
+def test_images_without_rois(tiny, across_images):
+    """An image with no RoI gets empty head outputs of the right widths, alone or among others."""
+    image = synthetic_images()[0]
+    tensor, scale = prepare_image(image, tiny.config)
+    none = torch.zeros(0, 4)
+    some = torch.tensor([[0.0, 0.0, 50.0, 40.0]])
+    with torch.inference_mode():
+        for given in ([none], [none, none], [none, some, none]):
+            out = tiny.model(
+                [tensor] * len(given), [scale] * len(given), given, rois_across_images=across_images
+            )
+            for rois, head in zip(given, out.heads, strict=True):
+                assert head.features.shape == (rois.shape[0], tiny.feature_dim)
+                assert head.cls_prob.shape == (rois.shape[0], tiny.config.num_object_outputs)
+                assert head.attr_prob is not None
+                assert head.attr_prob.shape == (rois.shape[0], tiny.config.num_attribute_outputs)
+
+
 @torch.inference_mode()
 def test_features_are_those_of_a_plain_unpadded_forward():
     """An image's stored regions equal those of the network run by hand on that image alone, at its own

@@ -216,7 +216,11 @@ class RoIHeads(nn.Module):
             padded = rest.new_zeros(_ROI_CHUNK, *rest.shape[1:])
             padded[: rest.shape[0]] = rest
             heads.append(self._head(padded))
-        return _split_heads(heads, [int(b.shape[0]) for b in rois], self.config.feature_dim)
+        if not heads:  # no RoI in any image: the predictor's outputs of zero rows
+            device = feature_maps[0].device if feature_maps else None
+            empty = self.box_predictor(torch.zeros(0, self.config.feature_dim, device=device))
+            return [empty for _ in rois]
+        return _split_heads(heads, [int(b.shape[0]) for b in rois])
 
     def _head(self, crops: torch.Tensor) -> RegionHeadOutput:
         crops = crops.contiguous(memory_format=self.memory_format)
@@ -238,10 +242,8 @@ class RoIHeads(nn.Module):
         return self.res5(crops).mean(dim=(2, 3))
 
 
-def _split_heads(chunks: list[RegionHeadOutput], counts: list[int], dim: int) -> list[RegionHeadOutput]:
+def _split_heads(chunks: list[RegionHeadOutput], counts: list[int]) -> list[RegionHeadOutput]:
     """Concatenate chunked head outputs (padding rows last) and cut them into ``counts`` rows per image."""
-    if not chunks:
-        return [RegionHeadOutput(torch.zeros(0, dim), torch.zeros(0, 0), None) for _ in counts]
     features = torch.cat([c.features for c in chunks])
     cls_prob = torch.cat([c.cls_prob for c in chunks])
     attrs = [c.attr_prob for c in chunks if c.attr_prob is not None]
