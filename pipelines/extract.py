@@ -7,39 +7,43 @@ resources), ``pipelines.extract_scheduler`` (shards in flight, in-order writes, 
 ``workers.store.lifecycle`` (foreign directory, config digest, ``--overwrite``, stray temporaries, committed
 sources, manifest), ``workers.rows`` (chunks and Arrow rows, without Ray).
 
-Data flow and the bounds that keep memory flat::
+Data flow (the driver schedules and commits; it never receives feature rows). Each shard attempt is bound to
+one detector node N::
 
-    driver ──(≤ --shards-in-flight shard streams)──► read task per shard (Ray streaming generator,
-       ▲                                               0.25 CPU): read + decode + tokenize, yields
-       │                                               ShardChunk objects of ≤ --batch-size images;
-       │                                               at most GENERATOR_BACKPRESSURE unconsumed chunks
-       │                                               per shard (Ray generator backpressure)
-       │         chunk ObjectRef (the image bytes never pass through the driver)
-       │                              ▼
-       │        pool of --detectors detector actors (num_gpus=1 each on a GPU cluster, num_cpus = their
-       │        torch threads): group a chunk's images by size bucket, run the detector, build Arrow rows;
-       │        at most ACTOR_QUEUE_DEPTH chunks queued per actor
-       │                              │ ChunkRows (Arrow rows + error rows + member counts)
-       └──────────────────────────────┘
-    driver writes each shard's ChunkRows strictly in chunk order through ``PartWriter`` (fixed
-    ROWS_PER_RECORD_BATCH rows per Arrow record batch, so the part bytes do not depend on --batch-size),
-    then commits the shard (error table, done marker).
+    driver ──(≤ --shards-in-flight shards, at least one per detector node)──► read task of the shard on N
+       │                                         (Ray streaming generator, 0.25 CPU, soft node affinity):
+       │                                         reads the tar (encoded bytes travel from the inputs to N),
+       │                                         decodes + tokenizes, yields ShardChunk objects of
+       │                                         ≤ --batch-size images (≤ GENERATOR_BACKPRESSURE ahead)
+       │ chunk reference                                   ▼ (N's object store: pixels never leave N)
+       ├──────────────────────────► detector actor on N (num_gpus=1 on a GPU cluster): rows + ChunkStats
+       │ ChunkStats (≈ 160 B/image)   ◄────────────────────┘ rows stay in N's object store
+       │ rows reference, in chunk order ──► part writer of N (one actor per detector node): re-batches to
+       │                                    ROWS_PER_RECORD_BATCH rows, validates, hashes, writes the part
+       │ accounting ──────────────────────► then the error table, then the done marker (the commit point)
+       ▼
+    manifest.json (driver: the digest check before, the run record after)
 
 So at any time the run holds at most ``shards_in_flight × GENERATOR_BACKPRESSURE`` chunks waiting in the
 read tasks and ``detectors × ACTOR_QUEUE_DEPTH`` chunks taken from the streams and not yet written (at the
-detectors, or finished out of order and waiting for their turn: they count until written, so results cannot
-pile up behind a slow or restarting actor), each of at most ``batch_size`` images, however large a shard or
-the corpus. The summary reports the driver-measured maxima (``max_batches_in_flight``,
-``max_images_in_flight``, ``max_batches_per_actor``).
+detectors, or at the writer), each of at most ``batch_size`` images, however large a shard or the corpus.
+The summary reports the driver-measured maxima (``max_batches_in_flight``, ``max_images_in_flight``,
+``max_batches_per_actor``) and what reached the driver (``driver_received_bytes``, ``driver_cpu_s``).
 
 Determinism: an image's features depend only on the image (the detector pads it to a canvas chosen from its
-own size, and a chunk's images are batched per bucket), and rows are written in source order by the driver,
-so the store does not depend on batch size, actor count, shards in flight or scheduling.
+own size, and a chunk's images are batched per bucket), and each part is written in source order in fixed
+record batches, so the store does not depend on batch size, actor count, shards in flight or scheduling.
+
+Stores: a local path on one machine, a local path mounted at the same place on every node
+(``--store-shared-fs``; a local store on a multi-node cluster without it is refused), or object storage.
 
 Faults:
 - detector actors are created with ``max_restarts`` and ``max_task_retries``: a killed actor is restarted
-  and its pending batches re-run on it; the driver writes each chunk's rows exactly once, in order, so a
-  retried batch neither duplicates nor drops rows.
+  and its pending batches re-run on it; the driver hands each chunk's rows to the writer exactly once, in
+  order, so a retried batch neither duplicates nor drops rows.
+- a part writer that dies (its node lost, a crash, even after its part is written but before the marker)
+  fails the attempts it held; they restart on a new writer. A part without a marker is never committed:
+  readers ignore it and the next attempt, or the next run, rewrites it.
 - a shard whose stream fails (``ShardReadError``, a crashed read worker, a detector call that fails after
   Ray's retries) is aborted (its temporary part is deleted) and restarted from its first sample, up to
   ``SHARD_ATTEMPTS`` times; Ray's own generator retry is off so that a retried shard is never half-replayed.
@@ -227,6 +231,12 @@ def _add_execution_flags(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="replace a store of another config")
     parser.add_argument("--address", help="join this Ray cluster (default: start Ray locally)")
+    parser.add_argument(
+        "--store-shared-fs",
+        action="store_true",
+        help="the local --out is a filesystem mounted at the same path on every node (required for a local "
+        "store on a multi-node cluster: parts are written on the detectors' nodes)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> ExtractConfig:
@@ -254,6 +264,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         shards_in_flight=args.shards_in_flight,
         overwrite=args.overwrite,
         address=args.address,
+        store_shared_fs=args.store_shared_fs,
     )
 
 

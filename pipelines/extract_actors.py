@@ -16,7 +16,7 @@ import ray
 
 from pipelines.extract_config import ExtractConfig, ExtractRefused
 from pipelines.ray_runtime import start_ray
-from workers.rows import ChunkRows, RegionRowBuilder, ShardChunk, shard_chunks
+from workers.rows import ChunkRows, ChunkStats, RegionRowBuilder, ShardChunk, shard_chunks
 
 logger = logging.getLogger("pipelines.extract")
 
@@ -44,6 +44,7 @@ class DetectorSpec:
     threads: int
     with_cls_prob: bool
     box_source: str
+    build: Any = None  # Callable[[DetectorSpec], detector] replacing RegionDetector (bench/driver_load.py)
 
 
 @dataclass(frozen=True)
@@ -57,17 +58,40 @@ class DetectorInfo:
     device: str
     threads: int
     omp_wait_policy: str = ""
+    node_id: str = ""  # the Ray node the actor runs on (its shards are read and written there)
 
 
 @dataclass(frozen=True)
 class FaultInjection:
-    """Test hook: the detector actor that receives chunk ``chunk_index`` of ``shard`` kills its own process
-    (``os._exit``) unless ``once_file`` exists, which it creates first, so the retry on the restarted actor
-    succeeds."""
+    """Test hook: a process of the run kills itself (``os._exit``) unless ``once_file`` exists, which it
+    creates first, so the retry succeeds.
+
+    ``stage="detector"``: the detector actor that receives chunk ``chunk_index`` of ``shard``.
+    ``stage="writer"``: the writer committing ``shard``, once its part and error table are written and
+    before its done marker; with ``every_attempt`` it dies on every attempt (the shard then fails, leaving
+    an uncommitted part).
+    """
 
     shard: str
     chunk_index: int
     once_file: str
+    stage: str = "detector"
+    every_attempt: bool = False
+
+    def fires(self, stage: str, shard: str, chunk_index: int = 0) -> bool:
+        """True when the calling process must die now (creates ``once_file`` first)."""
+        if (stage, shard, chunk_index) != (
+            self.stage,
+            self.shard,
+            self.chunk_index if stage == "detector" else 0,
+        ):
+            return False
+        if self.every_attempt:
+            return True
+        if os.path.exists(self.once_file):
+            return False
+        Path(self.once_file).touch()
+        return True
 
 
 class DetectorActor:
@@ -81,13 +105,17 @@ class DetectorActor:
 
         torch.set_num_threads(spec.threads)
         self.spec, self.fault = spec, fault
-        self.detector = RegionDetector(
-            detector_config(spec.config_name),
-            spec.selection,
-            weights=Path(spec.weights) if spec.weights else None,
-            threads=spec.threads,
-            seed=DETECTOR_SEED,
-            with_cls_prob=spec.with_cls_prob,
+        self.detector = (
+            spec.build(spec)
+            if spec.build is not None
+            else RegionDetector(
+                detector_config(spec.config_name),
+                spec.selection,
+                weights=Path(spec.weights) if spec.weights else None,
+                threads=spec.threads,
+                seed=DETECTOR_SEED,
+                with_cls_prob=spec.with_cls_prob,
+            )
         )
         self.builder = RegionRowBuilder(
             self.detector, box_source=spec.box_source, with_cls_prob=spec.with_cls_prob
@@ -106,15 +134,16 @@ class DetectorActor:
             device=str(self.detector.device),
             threads=torch.get_num_threads(),
             omp_wait_policy=os.environ.get(OMP_WAIT_POLICY, ""),
+            node_id=ray.get_runtime_context().get_node_id(),
         )
 
-    def process(self, chunk: ShardChunk) -> ChunkRows:
-        fault = self.fault
-        if fault and chunk.shard == fault.shard and chunk.index == fault.chunk_index:
-            if not os.path.exists(fault.once_file):
-                Path(fault.once_file).touch()
-                os._exit(1)
-        return self.builder.process(chunk)
+    def process(self, chunk: ShardChunk) -> tuple[ChunkRows, ChunkStats]:
+        """The chunk's rows (for the shard's writer, by reference) and their few numbers (for the driver);
+        called with ``num_returns=2``."""
+        if self.fault is not None and self.fault.fires("detector", chunk.shard, chunk.index):
+            os._exit(1)
+        rows = self.builder.process(chunk)
+        return rows, ChunkStats.of(rows)
 
 
 def _read_shard(
@@ -196,14 +225,21 @@ def _default_threads(detectors: int, gpus: int) -> int:
 
 
 class DetectorPool:
-    """``--detectors`` detector actors; each takes at most ``ACTOR_QUEUE_DEPTH`` chunks at a time."""
+    """``--detectors`` detector actors; each takes at most ``ACTOR_QUEUE_DEPTH`` chunks at a time.
+
+    Each actor's node is known once ``describe`` returned: a shard is bound to one node (its read task, its
+    chunks' detector calls and its writer all run there), so decoded pixels and feature rows stay in that
+    node's object store. A restarted actor may come back on another node; its chunks still reach it (through
+    the network) until the next run.
+    """
 
     def __init__(self, spec: DetectorSpec, resources: RayResources, count: int, fault: FaultInjection | None):
         self.spec, self.resources, self.fault = spec, resources, fault
         self.actors = [self._new_actor() for _ in range(count)]
+        self.nodes = [""] * count  # each actor's node id (from describe)
         self.load = [0] * count
         self.max_load = 0  # most unfinished calls one actor had (reported in the summary)
-        self.calls: dict[ray.ObjectRef, int] = {}  # unfinished call -> actor index
+        self.calls: dict[ray.ObjectRef, int] = {}  # unfinished call (its stats ref) -> actor index
 
     def _new_actor(self) -> Any:
         actor_class = ray.remote(DetectorActor).options(
@@ -216,34 +252,48 @@ class DetectorPool:
         return actor_class.remote(self.spec, self.fault)
 
     def describe(self) -> DetectorInfo:
-        """Wait until every actor has built its model; the first one's provenance (all must agree)."""
+        """Wait until every actor has built its model; the first one's provenance (all must agree).
+
+        Raises:
+            DetectorsDisagree: two actors built different weights.
+        """
         infos = ray.get([actor.describe.remote() for actor in self.actors])
         digests = sorted({info.weights_digest for info in infos})
         if len(digests) != 1:
             raise DetectorsDisagree(f"detector actors disagree on their weights: {', '.join(digests)}")
+        self.nodes = [info.node_id for info in infos]
         return infos[0]
 
-    def has_room(self) -> bool:
-        return min(self.load) < ACTOR_QUEUE_DEPTH
+    def node_ids(self) -> list[str]:
+        """The nodes that run detector actors, in actor order, each once."""
+        return list(dict.fromkeys(self.nodes))
+
+    def actors_on(self, node: str) -> list[int]:
+        return [i for i, n in enumerate(self.nodes) if n == node]
+
+    def has_room(self, node: str) -> bool:
+        """An actor on ``node`` has fewer than ``ACTOR_QUEUE_DEPTH`` unfinished calls."""
+        return min(self.load[i] for i in self.actors_on(node)) < ACTOR_QUEUE_DEPTH
 
     @property
     def capacity(self) -> int:
         """Chunks the run may hold between its read streams and the store: ``ACTOR_QUEUE_DEPTH`` per actor."""
         return len(self.actors) * ACTOR_QUEUE_DEPTH
 
-    def submit(self, chunk_ref: ray.ObjectRef) -> tuple[ray.ObjectRef, int]:
-        index = min(range(len(self.actors)), key=lambda i: self.load[i])
-        result = self.actors[index].process.remote(chunk_ref)
+    def submit(self, chunk_ref: ray.ObjectRef, node: str) -> tuple[ray.ObjectRef, ray.ObjectRef, int]:
+        """Run the chunk on the least loaded actor of ``node``; returns (rows ref, stats ref, actor index)."""
+        index = min(self.actors_on(node), key=lambda i: self.load[i])
+        rows, stats = self.actors[index].process.options(num_returns=2).remote(chunk_ref)
         self.load[index] += 1
         self.max_load = max(self.max_load, self.load[index])
-        self.calls[result] = index
-        return result, index
+        self.calls[stats] = index
+        return rows, stats, index
 
     def reap(self) -> bool:
         """Free the slots of finished calls; True if any finished."""
         if not self.calls:
             return False
-        done, _ = ray.wait(list(self.calls), num_returns=len(self.calls), timeout=0)
+        done, _ = ray.wait(list(self.calls), num_returns=len(self.calls), timeout=0, fetch_local=False)
         for ref in done:
             self.load[self.calls.pop(ref)] -= 1
         return bool(done)
@@ -269,10 +319,11 @@ def detector_env_vars() -> dict[str, str]:
     return {OMP_WAIT_POLICY: os.environ.get(OMP_WAIT_POLICY, "PASSIVE")}
 
 
-def read_task_runtime_env(urls: list[str]) -> dict[str, Any] | None:
-    """Ray ``runtime_env`` for the read tasks: the driver's ``AWS_*`` variables (endpoint, region, credentials)
-    when a shard is on object storage, so that workers started before they were set (a Ray that was already
-    running, the nodes of a joined cluster) reach the same endpoint; None when no shard needs them."""
+def object_store_env(urls: list[str]) -> dict[str, Any] | None:
+    """Ray ``runtime_env`` for the read tasks (``urls``: the shards) or the writers (``[out]``): the driver's
+    ``AWS_*`` variables (endpoint, region, credentials) when one of ``urls`` is on object storage, so that
+    workers started before they were set (a Ray that was already running, the nodes of a joined cluster)
+    reach the same endpoint; None when none needs them."""
     if not any("://" in url and not url.startswith("file://") for url in urls):
         return None
     env = {k: v for k, v in sorted(os.environ.items()) if k.startswith(OBJECT_STORE_ENV_PREFIX)}

@@ -76,7 +76,8 @@ class ExtractConfig:
         tokenizer: BERT checkpoint directory with ``tokenizer.json`` (None: the bundled uncased BERT).
     Provenance only: vocab (directory of ``objects_vocab.txt`` / ``attributes_vocab.txt``).
     Execution only (never change output bytes): detectors, batch_size, detector_threads (None: the node's
-        cores shared among the detectors), shards_in_flight, overwrite, address.
+        cores shared among the detectors), shards_in_flight, overwrite, address, store_shared_fs (a local
+        ``--out`` is a filesystem mounted at the same path on every node of the cluster).
     """
 
     detector: str = "butd-r101-c4"
@@ -95,6 +96,7 @@ class ExtractConfig:
     shards_in_flight: int = DEFAULT_SHARDS_IN_FLIGHT
     overwrite: bool = False
     address: str | None = None
+    store_shared_fs: bool = False
 
     def __post_init__(self) -> None:
         for name in ("num_boxes", "max_tokens", "max_pixels", "detectors", "batch_size", "shards_in_flight"):
@@ -169,6 +171,8 @@ class ExtractSummary:
     detector_omp_wait_policy: str = ""
     stray_temporaries_removed: int = 0
     detector_busy_s: float = 0.0
+    driver_received_bytes: int = 0  # pickled size of every result the driver fetched (no feature rows)
+    driver_cpu_s: float = 0.0  # CPU seconds of the driver process (all its threads) while processing
     max_batches_in_flight: int = 0  # chunks taken from the read streams and not yet written (driver)
     max_images_in_flight: int = 0  # decoded images in those chunks
     max_batches_per_actor: int = 0  # unfinished calls at one detector actor
@@ -198,6 +202,7 @@ class ExtractSummary:
         out["startup_s"] = round(self.startup_s, 3)
         out["processing_s"] = round(self.processing_s, 3)
         out["detector_busy_s"] = round(self.detector_busy_s, 3)
+        out["driver_cpu_s"] = round(self.driver_cpu_s, 3)
         out["exit_code"] = self.exit_code
         return out
 

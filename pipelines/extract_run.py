@@ -10,6 +10,7 @@ import dataclasses
 import logging
 import socket
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -23,7 +24,7 @@ from pipelines.extract_actors import (
     FaultInjection,
     RayResources,
     connect_ray,
-    read_task_runtime_env,
+    object_store_env,
     warm_read_worker_task,
 )
 from pipelines.extract_config import (
@@ -35,6 +36,8 @@ from pipelines.extract_config import (
     missing_local_shards,
 )
 from pipelines.extract_scheduler import ShardScheduler
+from pipelines.extract_writer import WriterPool
+from pipelines.store_access import check_store_reachable
 from schemas.manifest import config_digest, new_manifest
 from schemas.manifest import library_versions as manifest_library_versions
 from schemas.store import SCHEMA_VERSION
@@ -51,6 +54,8 @@ from workers.store import (
 )
 
 logger = logging.getLogger("pipelines.extract")
+
+STORE_WRITERS = "extract writes each part on the node of its shard's detector actors"
 
 VERSIONED_LIBRARIES = (
     "torch",
@@ -79,9 +84,18 @@ class RunInputs:
 
 
 def extract(
-    shard_urls: list[str], out: str, config: ExtractConfig, *, fault: FaultInjection | None = None
+    shard_urls: list[str],
+    out: str,
+    config: ExtractConfig,
+    *,
+    fault: FaultInjection | None = None,
+    build_detector: Callable[[DetectorSpec], Any] | None = None,
 ) -> ExtractSummary:
     """Extract region features of ``shard_urls`` into the store ``out``.
+
+    ``fault`` is a test hook; ``build_detector`` replaces ``RegionDetector`` in the detector actors (a
+    stand-in with its interface: ``feature_dim``, ``weights_digest``, ``random_init``, ``device``,
+    ``extract``), for benchmarks of the data path (``bench/driver_load.py``).
 
     Returns the run summary (``exit_code`` 0 when every shard completed, 2 when any failed).
 
@@ -102,8 +116,9 @@ def extract(
         committed = committed_sources(inputs.location, sources, overwrite=config.overwrite)
         try:
             resources = connect_ray(config)
-            pool, info = _start_detectors(config, resources, inputs.urls, fault)
-            summary = _run(inputs, committed, config, pool, info, time.perf_counter() - t0)
+            check_store_reachable(inputs.out, config.store_shared_fs, STORE_WRITERS)
+            pool, info = _start_detectors(config, resources, inputs.urls, fault, build_detector)
+            summary = _run(inputs, committed, config, pool, info, time.perf_counter() - t0, fault)
         finally:
             if pool is not None:
                 pool.shutdown()
@@ -146,9 +161,10 @@ def _run(
     pool: DetectorPool,
     info: DetectorInfo,
     startup_s: float,
+    fault: FaultInjection | None,
 ) -> ExtractSummary:
     """Check and clean the store for this run's digest, write the manifest, extract the shards not yet
-    committed, and record the run."""
+    committed (``WriterPool``: one part writer per detector node), and record the run."""
     location, urls = inputs.location, inputs.urls
     extraction = extraction_config(config, info, inputs.tokenizer)
     digest = config_digest(extraction)
@@ -163,10 +179,19 @@ def _run(
     todo = [url for url in urls if not committed.is_done(inputs.shard_ids[url], digest)]
     summary.shards_skipped = len(urls) - len(todo)
     summary.shards_reextracted = committed.discard_changed(location)
-    t1 = time.perf_counter()
-    read_env = read_task_runtime_env(urls)
-    ShardScheduler(location, digest, info.feature_dim, config, pool, summary, read_env).run(todo)
+    t1, cpu1 = time.perf_counter(), time.process_time()
+    writers = WriterPool(
+        pool.node_ids(), location, info.feature_dim, digest, object_store_env([inputs.out]), fault
+    )
+    try:
+        scheduler = ShardScheduler(
+            location, digest, info.feature_dim, config, pool, summary, object_store_env(urls), writers
+        )
+        scheduler.run(todo)
+    finally:
+        writers.shutdown()
     summary.processing_s = time.perf_counter() - t1 if todo else 0.0
+    summary.driver_cpu_s = time.process_time() - cpu1
     run_entry = _run_entry(summary, config, urls, inputs.started_utc)
     run_shards = set(inputs.shard_ids.values())
     finish_manifest(location, manifest, run_entry, run_shards=run_shards, failed_shards=summary.failed_shards)
@@ -174,7 +199,11 @@ def _run(
 
 
 def _start_detectors(
-    config: ExtractConfig, resources: RayResources, urls: list[str], fault: FaultInjection | None
+    config: ExtractConfig,
+    resources: RayResources,
+    urls: list[str],
+    fault: FaultInjection | None,
+    build_detector: Callable[[DetectorSpec], Any] | None = None,
 ) -> tuple[DetectorPool, DetectorInfo]:
     """Build the detector pool and warm ``shards_in_flight`` read workers; returns the pool and the
     detectors' provenance once every actor has built its model."""
@@ -185,9 +214,10 @@ def _start_detectors(
         resources.threads,
         config.with_cls_prob,
         config.box_source(),
+        build_detector,
     )
     pool = DetectorPool(spec, resources, config.detectors, fault)
-    read_env = read_task_runtime_env(urls)
+    read_env = object_store_env(urls)
     warm = [
         warm_read_worker_task.options(runtime_env=read_env).remote(config.tokenizer, config.max_tokens)
         for _ in range(config.shards_in_flight)

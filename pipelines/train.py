@@ -242,27 +242,19 @@ def _connect_ray(address: str | None) -> None:
 
 
 def check_store_reachable(store: str, shared_fs: bool) -> None:
-    """Refuse a local store path on a multi-node Ray cluster (DESIGN §5): every Ray Train rank opens the store on
-    its own node, where a path written on the driver's node may not exist. Needs Ray connected.
-
-    Args:
-        store: the store argument; a URL (``s3://...``) is reachable from every node.
-        shared_fs: the local path is a filesystem mounted at the same path on every node (``--store-shared-fs``).
+    """Refuse a local store path on a multi-node Ray cluster (``pipelines.store_access``): every Ray Train rank
+    opens the store on its own node, where a path written on the driver's node may not exist.
 
     Raises:
         TrainInputError: a local path, no ``shared_fs``, and more than one alive node in the cluster.
     """
-    import ray
+    from pipelines.store_access import StoreNotReachable
+    from pipelines.store_access import check_store_reachable as check
 
-    if "://" in store or shared_fs:
-        return
-    alive = sum(1 for node in ray.nodes() if node.get("Alive"))
-    if alive > 1:
-        raise TrainInputError(
-            f"store {store} is a local path but the Ray cluster has {alive} alive nodes, and every training "
-            "worker opens the store on its own node: put the store on s3:// or on a filesystem mounted at the "
-            "same path on every node (then pass --store-shared-fs)"
-        )
+    try:
+        check(store, shared_fs, "every training worker opens the store on its own node")
+    except StoreNotReachable as exc:
+        raise TrainInputError(str(exc)) from None
 
 
 def _parse_tasks(text: str) -> tuple[str, ...]:

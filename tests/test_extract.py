@@ -380,3 +380,32 @@ def test_store_on_object_storage(store: Path, shards: list[str], s3, caplog) -> 
     }
     assert remote == files_of(store)
     assert extract(shards, uri, TINY).shards_skipped == 3
+
+
+@pytest.mark.cluster
+def test_local_store_refused_on_a_multi_node_cluster(shards: list[str], tmp_path: Path, capsys) -> None:
+    """Parts are written on the detectors' nodes: a local ``--out`` on a 2-node ``Cluster`` is refused (exit 1,
+    nothing written, no detector started) unless ``--store-shared-fs``. The session runtime is restored."""
+    import ray
+    from conftest import RAY_TEST_CPUS
+    from ray.cluster_utils import Cluster
+
+    was_up = ray.is_initialized()
+    if was_up:
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        out = tmp_path / "store"
+        args = ["extract", shards[0], "--out", str(out), "--config", "tiny", "--address", cluster.address]
+        assert cli.main(args) == 1
+        err = capsys.readouterr().err
+        assert f"store {out} is a local path but the Ray cluster has 2 alive nodes" in err
+        assert "extract writes each part on the node" in err and "--store-shared-fs" in err
+        assert not (out / PARTS_DIR).exists() and not (out / MANIFEST_FILE).exists()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        if was_up:
+            ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, log_to_driver=False)

@@ -338,6 +338,31 @@ def test_failing_shard_is_retried_then_reported(
     assert part_files(out) == part_files(reference)
 
 
+def test_writer_killed_before_its_marker_then_rerun(
+    reference: Path, shards: list[str], tmp_path: Path, ray_session: object
+) -> None:
+    """Issue 12 fault: the writer of ft-001 dies (``os._exit``) after the part and error table are written
+    and before the done marker, on every attempt. ft-001 is a failed shard whose part is left uncommitted
+    (readers ignore it); the same run again redoes exactly that shard, once, and the store is byte-identical
+    to the clean reference run."""
+    from workers.store import StoreReader
+
+    out = tmp_path / "store"
+    fault = FaultInjection("ft-001", 0, str(tmp_path / "unused"), stage="writer", every_attempt=True)
+    first = extract(shards, str(out), SLOW, fault=fault)
+    assert first.exit_code == 2 and [f["shard"] for f in first.failed_shards] == ["ft-001"], first
+    assert first.shards_done == len(shards) - 1
+    parts = out / PARTS_DIR
+    assert (parts / "ft-001.arrow").is_file() and not (parts / f"ft-001{MARKER_SUFFIX}").exists()
+    assert StoreReader(str(out)).shards() == ["ft-000", "ft-002"]
+    assert StoreReader(str(out)).uncommitted_shards() == ["ft-001"]
+    second = extract(shards, str(out), SLOW)
+    assert second.exit_code == 0 and second.failed_shards == [], second
+    assert (second.shards_skipped, second.shards_done) == (len(shards) - 1, 1)
+    assert_store_invariants(out)
+    assert_stores_identical(out, reference)
+
+
 def reference_rows(reference: Path) -> int:
     from workers.store import StoreReader
 
@@ -450,7 +475,13 @@ def test_node_removed_while_shards_in_flight(
         nodes = [cluster.add_node(num_cpus=2) for _ in range(2)]
         cluster.wait_for_nodes()
         out, logs = tmp_path / "store", tmp_path / "cluster-run"
-        proc = start_extract(extract_args(shards, out, [*SLOW_FLAGS, "--address", cluster.address]), logs)
+        flags = [
+            *SLOW_FLAGS,
+            "--address",
+            cluster.address,
+            "--store-shared-fs",
+        ]  # one machine: one filesystem
+        proc = start_extract(extract_args(shards, out, flags), logs)
         wait_for(lambda: markers(out) >= 1 or proc.poll() is not None, RUN_TIMEOUT_S, "shard 0's marker")
         hosts = [n for n in nodes if ray_processes(_raylet_pid(n), DETECTOR_TITLE)]
         assert proc.poll() is None and len(hosts) == 1, stderr_of(logs)

@@ -19,6 +19,7 @@ Boxes are ``xyxy`` in original-image pixels (float32); features are stored as fl
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -99,6 +100,49 @@ class ChunkRows:
     members_in_errors: int
     counts: MemberCounts | None
     busy_s: float = 0.0
+
+
+@dataclass(frozen=True)
+class ChunkStats:
+    """The few numbers of a ``ChunkRows`` the scheduler needs (it never receives the rows themselves).
+
+    Attributes:
+        shard, index, counts: as in ``ShardChunk``.
+        rows: rows built; error_reasons: error rows per reason (sorted).
+        members_used, members_in_errors: as in ``ChunkRows``.
+        images: decoded images the chunk held (rows and images whose detector output was refused).
+        busy_s: as in ``ChunkRows``.
+    """
+
+    shard: str
+    index: int
+    rows: int
+    error_reasons: tuple[tuple[str, int], ...]
+    members_used: int
+    members_in_errors: int
+    images: int
+    counts: MemberCounts | None
+    busy_s: float
+
+    @property
+    def errors(self) -> int:
+        return sum(n for _, n in self.error_reasons)
+
+    @classmethod
+    def of(cls, chunk: ChunkRows) -> ChunkStats:
+        reasons = Counter(str(e.reason) for e in chunk.errors)
+        rejected = reasons.get(str(ErrorReason.DETECTOR_OUTPUT_INVALID), 0)
+        return cls(
+            chunk.shard,
+            chunk.index,
+            chunk.rows.num_rows,
+            tuple(sorted(reasons.items())),
+            chunk.members_used,
+            chunk.members_in_errors,
+            chunk.rows.num_rows + rejected,
+            chunk.counts,
+            chunk.busy_s,
+        )
 
 
 def shard_chunks(

@@ -29,9 +29,11 @@ from workers.store.location import (
 )
 from workers.store.lock import StoreLock, StoreLockedError
 from workers.store.reader import StoreReader
-from workers.store.writer import PartWriter
+from workers.store.writer import ROWS_PER_RECORD_BATCH, OrderedPartWriter, PartWriter
 
 __all__ = [
+    "ROWS_PER_RECORD_BATCH",
+    "OrderedPartWriter",
     "CommittedShards",
     "PartWriter",
     "StoreCheck",

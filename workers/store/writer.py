@@ -9,7 +9,7 @@ written directly; readers ignore parts without a valid marker in both cases.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -26,6 +26,8 @@ from schemas.store import (
     validate_rows,
 )
 from workers.store.location import StoreLocation, part_names
+
+ROWS_PER_RECORD_BATCH = 64  # rows per Arrow record batch of an extracted part (independent of --batch-size)
 
 
 class _HashingWriter:
@@ -103,9 +105,13 @@ class PartWriter:
             }
         )
 
-    def commit(self, accounting: ShardAccounting) -> DoneMarker:
+    def commit(
+        self, accounting: ShardAccounting, before_marker: Callable[[], None] | None = None
+    ) -> DoneMarker:
         """Check the error rows and the accounting, close the part, write the error table, then the marker
-        (the commit point). On a check failure nothing is renamed: the temporary part stays for ``abort``."""
+        (the commit point). On a check failure nothing is renamed: the temporary part stays for ``abort``.
+        ``before_marker`` runs once the part and error table are complete, just before the marker is
+        written (a fault-injection hook for tests: a writer that dies there leaves an uncommitted part)."""
         errors = pa.Table.from_pylist(self._errors, schema=error_schema())
         validate_errors(errors)
         if accounting.rows != self.rows or accounting.error_rows != errors.num_rows:
@@ -120,6 +126,8 @@ class PartWriter:
             self.location.fs.move(self._target, self._final)
         _, errors_name, marker_name = part_names(self.shard)
         self.location.write_bytes(self.location.path(PARTS_DIR, errors_name), errors_bytes)
+        if before_marker is not None:
+            before_marker()
         marker = DoneMarker(
             shard=self.shard,
             config_digest=self.config_digest,
@@ -147,3 +155,61 @@ def _ipc_file_bytes(table: pa.Table) -> bytes:
     with ipc.new_file(sink, table.schema) as writer:
         writer.write_table(table)
     return sink.getvalue().to_pybytes()
+
+
+class OrderedPartWriter:
+    """One shard's ``PartWriter`` fed its chunks' rows in chunk order (0, 1, ...), re-batched into record
+    batches of exactly ``rows_per_batch`` rows (the last one of a shard may be shorter), so the part's bytes
+    depend neither on how samples were chunked nor on which process built the rows.
+
+    Args:
+        writer: the shard's open ``PartWriter``.
+        rows_per_batch: rows per Arrow record batch (``ROWS_PER_RECORD_BATCH`` for extract).
+
+    Raises:
+        ValueError (from ``add``): a chunk out of order (its index is not the next one).
+    """
+
+    def __init__(self, writer: PartWriter, rows_per_batch: int = ROWS_PER_RECORD_BATCH) -> None:
+        self.writer, self.rows_per_batch = writer, rows_per_batch
+        self.next_index = 0
+        self._buffered: list[pa.Table] = []
+        self._buffered_rows = 0
+
+    def add(self, index: int, rows: pa.Table, errors: Sequence[tuple[str, Sequence[str], str, str]]) -> None:
+        """Append chunk ``index``: its rows (``row_schema`` table, source order) and its error rows
+        ``(key, member_names, reason, detail)``."""
+        if index != self.next_index:
+            raise ValueError(
+                f"shard {self.writer.shard}: got chunk {index}, expected chunk {self.next_index}"
+            )
+        self.next_index += 1
+        for key, member_names, reason, detail in errors:
+            self.writer.add_error(key, member_names, reason, detail)
+        if rows.num_rows:
+            self._buffered.append(rows)
+            self._buffered_rows += rows.num_rows
+            self._flush(final=False)
+
+    def commit(
+        self, accounting: ShardAccounting, before_marker: Callable[[], None] | None = None
+    ) -> DoneMarker:
+        """Write the last rows, then commit the part (``PartWriter.commit``)."""
+        self._flush(final=True)
+        return self.writer.commit(accounting, before_marker)
+
+    def abort(self) -> None:
+        self.writer.abort()
+
+    def _flush(self, *, final: bool) -> None:
+        size = self.rows_per_batch
+        if self._buffered_rows < size and not (final and self._buffered_rows):
+            return
+        table = pa.concat_tables(self._buffered)
+        start = 0
+        while table.num_rows - start >= size or (final and start < table.num_rows):
+            self.writer.add_rows(table.slice(start, size).combine_chunks())
+            start += size
+        rest = table.slice(min(start, table.num_rows))
+        self._buffered = [rest] if rest.num_rows else []
+        self._buffered_rows = rest.num_rows
