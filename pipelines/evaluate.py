@@ -34,7 +34,8 @@ import numpy as np
 import torch
 
 from model.checkpoint import CheckpointError
-from model.data import CaptionPairs, Sample, StoreImages, collate
+from model.data import EmptyStoreError, StoreImages
+from model.items import CaptionPairs, Sample, TokenIds, collate
 from model.metrics import EfficiencyMeter
 from model.vqa import VqaDataError
 from pipelines.cli import ExitCode, fail
@@ -91,10 +92,54 @@ def run(args: argparse.Namespace) -> int:
     """Run ``regionflow evaluate``; returns `ExitCode` OK or BAD_INPUT."""
     try:
         out = evaluate(args)
-    except (EvalInputError, StoreSchemaError, VqaDataError, CheckpointError, FileNotFoundError) as exc:
+    except (
+        EvalInputError,
+        StoreSchemaError,
+        EmptyStoreError,
+        VqaDataError,
+        CheckpointError,
+        FileNotFoundError,
+    ) as exc:
         return fail("evaluate", exc)
+    from model.report import REPORT_JSON
+
+    report = json.loads((out / REPORT_JSON).read_text())
+    for line in headline(report["metrics"]):
+        log.info("evaluate: %s", line)
     log.info("evaluate: report in %s", out)
     return ExitCode.OK
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+def headline(metrics: dict[str, Any]) -> list[str]:
+    """One terminal line per task family: recall@1/5/10 with chance, matching and VQA accuracy beside their
+    baselines, BLEU-4 and CIDEr."""
+    lines = []
+    retrieval = metrics.get("retrieval")
+    if retrieval:
+        for direction, name in (("text_to_image", "text->image"), ("image_to_text", "image->text")):
+            d = retrieval[direction]
+            recalls = " ".join(f"R@{k} {_pct(d['recall'][k])}" for k in ("1", "5", "10") if k in d["recall"])
+            lines.append(
+                f"{name} {recalls} (chance R@1 {_pct(d['chance_recall'].get('1'))}, "
+                f"{d['num_candidates']} candidates)"
+            )
+    if "matching" in metrics:
+        m = metrics["matching"]
+        lines.append(f"matching accuracy {_pct(m['accuracy'])} (chance {_pct(m['chance'])})")
+    if "vqa" in metrics:
+        v = metrics["vqa"]
+        lines.append(
+            f"VQA accuracy {_pct(v['model']['overall'])} (majority-answer baseline "
+            f"{_pct(v['baseline'].get('overall'))}, {v['model']['num_questions']} questions)"
+        )
+    if "caption" in metrics:
+        c = metrics["caption"]
+        lines.append(f"captions BLEU-4 {c['bleu4']:.3f}, CIDEr {c['cider']:.3f} ({c['num_images']} images)")
+    return lines
 
 
 # ------------------------------------------------------------------------------------------- set-up
@@ -187,12 +232,12 @@ class Scorer:
     def __post_init__(self) -> None:
         self.meters: dict[str, EfficiencyMeter] = {}
 
-    def _batches(self, pairs: Sequence[tuple[Sequence[int], int]]):
+    def _batches(self, pairs: Sequence[tuple[TokenIds, int]]):
         for start in range(0, len(pairs), self.batch_size):
             chunk = pairs[start : start + self.batch_size]
             yield collate([Sample(self.images.visual(i), ids, i) for ids, i in chunk]).to(self.device)
 
-    def run_batches(self, phase: str, pairs: Sequence[tuple[Sequence[int], int]], fn: Any) -> list[Any]:
+    def run_batches(self, phase: str, pairs: Sequence[tuple[TokenIds, int]], fn: Any) -> list[Any]:
         """``fn(batch)`` for each collated batch of ``pairs`` (no grad, bf16 autocast on CUDA), timed as ``phase``."""
         meter = self.meters.setdefault(phase, EfficiencyMeter(device=self.device))
         outputs = []
@@ -205,12 +250,12 @@ class Scorer:
                     outputs.append(fn(batch))
         return outputs
 
-    def match_logits(self, pairs: Sequence[tuple[Sequence[int], int]], phase: str) -> np.ndarray:
+    def match_logits(self, pairs: Sequence[tuple[TokenIds, int]], phase: str) -> np.ndarray:
         """float64 ``[len(pairs)]`` matching logits."""
         out = self.run_batches(phase, pairs, lambda b: self.model.match_logits(b).float().cpu())
         return torch.cat(out).double().numpy() if out else np.zeros(0)
 
-    def pooled(self, pairs: Sequence[tuple[Sequence[int], int]], phase: str) -> tuple[np.ndarray, np.ndarray]:
+    def pooled(self, pairs: Sequence[tuple[TokenIds, int]], phase: str) -> tuple[np.ndarray, np.ndarray]:
         """Pooled text and visual vectors ``[len(pairs), d]`` (unimodal: each ignores the other side)."""
         out = self.run_batches(phase, pairs, lambda b: self.model.pooled(b))
         text = torch.cat([o.pooled_text.float().cpu() for o in out]).double().numpy()
@@ -222,7 +267,7 @@ class Scorer:
 
 
 def retrieval_matrices(
-    scorer: Scorer, captions: Sequence[tuple[Sequence[int], int]], columns: np.ndarray, rerank_top: int
+    scorer: Scorer, captions: Sequence[tuple[TokenIds, int]], columns: np.ndarray, rerank_top: int
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """Score matrices ``[C, I]`` for text->image and image->text ranking, and a sentence on how they were made.
 
@@ -363,7 +408,8 @@ def evaluate_captions(
     from schemas.text_checkpoint import resolve_text_checkpoint
     from workers.read.tokenizer import CaptionTokenizer
 
-    columns = [int(i) for i in heldout if images.num_captions()[i] > 0]
+    counts = images.num_captions()
+    columns = [int(i) for i in heldout if counts[i] > 0]
     if not columns:
         raise EvalInputError("no held-out image has a reference caption")
     max_tokens = config.max_caption_tokens - 2

@@ -7,19 +7,8 @@ import pytest
 import torch
 from tiny_store import random_rows, write_store
 
-from model.data import (
-    CaptionPairs,
-    Sample,
-    StoreImages,
-    TaskStream,
-    VisualRow,
-    collate,
-    epoch_order,
-    eval_ranges,
-    holdout_score,
-    is_heldout,
-    steps_per_epoch,
-)
+from model.data import StoreImages, VisualRow, holdout_score, is_heldout
+from model.items import CaptionPairs, Sample, TaskStream, collate, epoch_order, eval_ranges, steps_per_epoch
 from workers.store import StoreReader
 
 D = 8
@@ -55,7 +44,7 @@ def test_store_images_random_access_matches_rows(store):
     np.testing.assert_array_equal(v.features, np.asarray(expected["features"], dtype=np.float16))
     np.testing.assert_allclose(v.boxes_xyxy_px, np.asarray(expected["boxes_xyxy_px"], dtype=np.float32))
     assert v.image_size_px.tolist() == [expected["image_width_px"], expected["image_height_px"]]
-    assert images.caption_ids(10) == expected["input_ids"]
+    assert [ids.tolist() for ids in images.caption_ids(10)] == expected["input_ids"]
     with pytest.raises(IndexError):
         images.visual(30)
 

@@ -57,8 +57,14 @@ def _evaluate(trained: dict[str, Path], *extra: str, run: Path | None = None) ->
     return main([*args, *vqa, "--threads", "1", *extra])
 
 
-def test_report_covers_every_heldout_row(trained):
+def test_report_covers_every_heldout_row(trained, caplog):
+    caplog.set_level(logging.INFO)
     assert _evaluate(trained) == 0
+    # the headline figures reach the terminal, not only the report's path
+    said = [r.getMessage() for r in caplog.records if r.name == "pipelines.evaluate"]
+    assert any(m.startswith("evaluate: text->image R@1 ") and "chance R@1" in m for m in said)
+    assert any(m.startswith("evaluate: VQA accuracy ") and "majority-answer baseline" in m for m in said)
+    assert any(m.startswith("evaluate: captions BLEU-4 ") for m in said)
     out = trained["run"] / "eval"
     report = json.loads((out / "report.json").read_text())
     run = json.loads((trained["run"] / "run.json").read_text())

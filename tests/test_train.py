@@ -4,12 +4,14 @@ a killed worker restarted by FailureConfig, and bad input refused before Ray sta
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 from tiny_store import random_rows, write_store, write_vqa
 
+from model.train_config import task_schedule
 from pipelines.cli import ExitCode, main
 from pipelines.train import (
     FAULT_MARKER,
@@ -17,7 +19,6 @@ from pipelines.train import (
     MODEL_FILE,
     RAY_TRAIN_DIR,
     RUN_FILE,
-    task_schedule,
 )
 
 D = 8
@@ -91,13 +92,62 @@ def test_two_workers_all_tasks_round_robin(uninterrupted, tiny_inputs):
     assert throughput["workers"] == 2 and throughput["steps"] == MAX_STEPS
 
 
-def test_resume_equals_an_uninterrupted_run(uninterrupted, tiny_inputs, tmp_path, ray_session):
+def _with_max_steps(args: list[str], steps: int) -> list[str]:
+    args = list(args)
+    args[args.index("--max-steps") + 1] = str(steps)
+    return args
+
+
+def test_resume_equals_an_uninterrupted_run(
+    uninterrupted, tiny_inputs, tmp_path, ray_session, caplog, capsys
+):
+    caplog.set_level(logging.INFO)
     out = tmp_path / "run"
     assert main(_train_args(tiny_inputs, out, "--stop-after-steps", str(MAX_STEPS // 2))) == 0
     assert len(_losses(out)) == MAX_STEPS // 2 and not (out / MODEL_FILE).exists()
-    assert main(_train_args(tiny_inputs, out, "--resume")) == 0
+    assert main(_train_args(tiny_inputs, out, "--resume", "--keep-checkpoints", "1")) == 0
+    assert f"train: resuming {out} from step {MAX_STEPS // 2}" in caplog.text
     assert _losses(out) == _losses(uninterrupted)
     _assert_same_weights(out, uninterrupted)
+    kept = sorted(p.name for p in (out / RAY_TRAIN_DIR).glob("checkpoint_*") if p.is_dir())
+    assert kept == [f"checkpoint_{MAX_STEPS:08d}"]  # --keep-checkpoints 1
+    # extending the finished run: the schedule is recomputed (the learning rate was 0 at step 8) and recorded
+    assert main(_with_max_steps(_train_args(tiny_inputs, out, "--resume"), MAX_STEPS + 2)) == 0
+    losses = _losses(out)
+    assert [r["step"] for r in losses] == list(range(1, MAX_STEPS + 3)) and losses[MAX_STEPS]["lr"] > 0
+    run = json.loads((out / RUN_FILE).read_text())
+    assert run["extensions"] == [
+        {"at_step": MAX_STEPS, "max_steps": {"from": MAX_STEPS, "to": MAX_STEPS + 2}}
+    ]
+    assert run["train"]["max_steps"] == MAX_STEPS + 2
+    # a run cannot be shortened: the refusal says what to run instead
+    capsys.readouterr()
+    assert main(_with_max_steps(_train_args(tiny_inputs, out, "--resume"), 4)) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert "a run cannot be shortened" in err and f"--init-from {out} --out NEW_RUN" in err
+
+
+def test_more_workers_than_cpus_is_refused_before_training(tiny_inputs, tmp_path, ray_session, capsys):
+    from conftest import RAY_TEST_CPUS
+
+    out = tmp_path / "run"
+    args = _train_args(tiny_inputs, out)
+    args[args.index("--workers") + 1] = str(RAY_TEST_CPUS + 1)
+    assert main(args) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert f"--workers {RAY_TEST_CPUS + 1} needs {RAY_TEST_CPUS + 1} CPU(s)" in err
+    assert f"the Ray cluster has {RAY_TEST_CPUS}" in err and not out.exists()
+
+
+def test_run_directory_on_object_storage_is_refused_before_anything(
+    tiny_inputs, tmp_path, caplog, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    args = _train_args(tiny_inputs, tmp_path / "unused")
+    args[args.index("--out") + 1] = "s3://bucket/runs/r1"
+    assert main(args) == EXIT_BAD_INPUT
+    assert "--out s3://bucket/runs/r1: a run directory must be a local path" in capsys.readouterr().err
+    assert not (tmp_path / "s3:").exists()
 
 
 def test_killed_worker_is_restarted_from_the_last_checkpoint(

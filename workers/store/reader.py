@@ -67,11 +67,31 @@ class StoreReader:
     def table(self, shard: str) -> pa.Table:
         """The shard's rows (memory-mapped on a local filesystem); schema checked against v1."""
         table = self._read(part_names(shard)[0])
-        if feature_dim_of(table.schema) != self.feature_dim or not table.schema.equals(
+        self._check_part_schema(shard, table.schema)
+        return table
+
+    def part_file(self, shard: str, columns: tuple[str, ...] | None = None) -> ipc.RecordBatchFileReader:
+        """The shard's part as an IPC file reader whose record batches are read on demand (``get_batch``):
+        memory-mapped on a local filesystem, ranged reads on object storage. With ``columns``, batches hold only
+        those columns and only their buffers are read. Schema checked against v1."""
+        path = self.location.path(PARTS_DIR, part_names(shard)[0])
+        source = pa.memory_map(path, "r") if self.location.is_local else self.location.fs.open_input_file(path)
+        schema = ipc.open_file(source).schema
+        self._check_part_schema(shard, schema)
+        if columns is None:
+            return ipc.open_file(source)
+        fields = [schema.get_field_index(c) for c in columns]
+        return ipc.open_file(source, options=ipc.IpcReadOptions(included_fields=fields))
+
+    def part_is_local(self) -> bool:
+        """True when parts are memory-mapped files (a local or shared filesystem), False on object storage."""
+        return self.location.is_local
+
+    def _check_part_schema(self, shard: str, schema: pa.Schema) -> None:
+        if feature_dim_of(schema) != self.feature_dim or not schema.equals(
             row_schema(self.feature_dim), check_metadata=False
         ):
             raise StoreSchemaError(f"shard {shard}: part schema differs from the store's schema v1")
-        return table
 
     def errors(self, shard: str) -> pa.Table:
         table = self._read(part_names(shard)[1])
