@@ -88,6 +88,18 @@ def _memory(r: dict[str, Any]) -> tuple[float, float | None, str]:
     return r["ratio"], r.get("goal"), text
 
 
+def _train_memory(r: dict[str, Any]) -> tuple[float, float | None, str]:
+    small, big = (r["stores"][k] for k in sorted(r["stores"], key=lambda k: int(k.rstrip("x"))))
+    mib = 2**20
+    text = (
+        f"train peak PSS of one rank, {small['rows']} vs {big['rows']} butd-size rows (64-row batches): "
+        f"{small['train']['peak_rank_pss_bytes'] / mib:.0f} vs {big['train']['peak_rank_pss_bytes'] / mib:.0f} MiB; "
+        f"driver 1x/8x {r['driver_ratio']:.2f}; opening a store adds "
+        f"{100 * r['open_anonymous_fraction']:.2f}% of its feature bytes in anonymous memory (goal <= 5%)"
+    )
+    return r["ratio"], r.get("goal"), text
+
+
 def _train(r: dict[str, Any]) -> tuple[float, float | None, str]:
     s = r["samples_per_s"]
     text = (
@@ -120,6 +132,7 @@ ROWS: dict[str, Callable[[dict[str, Any]], tuple[float, float | None, str]]] = {
     "store_reads": _store_reads,
     "coattention": _coattention,
     "memory": _memory,
+    "train_memory": _train_memory,
     "train_throughput": _train,
     "gpu_bench": _gpu,
 }

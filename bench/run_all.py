@@ -10,6 +10,7 @@ Default sizes (each script's own flags give bigger runs):
 | ``batching.py`` | ``--config tiny --images 8 --repeats 9 --true-batch`` | ~1 min |
 | ``store_reads.py`` | butd-r101-c4 outputs of 2 images, 1000 rows, 5 repeats | ~5 min |
 | ``memory.py`` | 2 shards × 20 images vs 10× | ~5 min |
+| ``train_memory.py`` | 512 vs 4096 butd-size rows (64-row batches), 20 steps | ~6 min |
 | ``train_throughput.py`` | 40 images, 30 steps, batch 16, 2 repeats | ~7 min |
 
 Opt-in, too slow for the budget on 2 CPU cores (bottom-up attention runs its res5 head on 300 proposals
@@ -39,6 +40,7 @@ PLAN: list[tuple[str, list[str]]] = [
     ("batching_tiny", ["batching.py", "--config", "tiny", "--images", "8", "--repeats", "9", "--true-batch"]),
     ("store_reads", ["store_reads.py"]),
     ("memory", ["memory.py"]),
+    ("train_memory", ["train_memory.py"]),
     ("train_throughput", ["train_throughput.py"]),
 ]
 BUTD_PLAN: list[tuple[str, list[str]]] = [

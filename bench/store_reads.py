@@ -8,8 +8,9 @@ side reads every key once before timing (page cache warm), then the sides altern
 all keys each (A B C A B C ...), and reads/s is ``keys ÷ median round time``.
 
 * ours: the Arrow IPC parts of a store written by ``workers.store.PartWriter`` (rows built by
-  ``workers.rows.build_rows``, as ``regionflow extract`` writes them), opened with ``StoreReader`` and read with
-  ``model.data.StoreImages.visual`` (memory-mapped, zero-copy float16 slice → float32).
+  ``workers.rows.build_rows``, in record batches of 64 rows, as ``regionflow extract`` writes them), opened with
+  ``StoreReader`` and read with ``model.data.StoreImages.visual`` (memory-mapped, a zero-copy float16 view of
+  one record batch → float32).
 * ViLBERT (vilbert-multi-task ``ImageFeaturesH5Reader`` on an LMDB): one pickled dict per image with
   ``image_id``, ``image_h``, ``image_w``, ``num_boxes`` and base64 float32 ``features`` and ``boxes``; a read opens
   a read transaction, unpickles and base64-decodes.
@@ -79,6 +80,7 @@ def detector_outputs(detector_name: str, count: int, threads: int) -> tuple[list
 
 def build_store(root: Path, sources: list[Any], rows: int, shards: int, feature_dim: int) -> list[str]:
     """Write ``rows`` rows (cycling through ``sources``) into ``shards`` committed parts; returns the keys."""
+    from pipelines.extract_scheduler import ROWS_PER_RECORD_BATCH
     from schemas.manifest import ShardAccounting, new_manifest
     from schemas.store import row_schema
     from workers.read.reader import DecodedSample
@@ -110,7 +112,9 @@ def build_store(root: Path, sources: list[Any], rows: int, shards: int, feature_
             )
             kept.append((ReadSample(sample, tokenizer.encode(list(texts))), output))
             keys.append(key)
-        writer.add_rows(build_rows(kept, row_schema(feature_dim), "detector", False))
+        for start in range(0, len(kept), ROWS_PER_RECORD_BATCH):  # extract's layout: 64-row record batches
+            chunk = kept[start : start + ROWS_PER_RECORD_BATCH]
+            writer.add_rows(build_rows(chunk, row_schema(feature_dim), "detector", False))
         n = len(kept)
         writer.commit(ShardAccounting(n, n, 0, {}, n, n, 0))
     return keys

@@ -90,9 +90,21 @@ class VisualRow:
     cls_prob: np.ndarray | None
 
 
+def _values(array: pa.Array, dtype: Any, buffer: int = 1, extra: int = 0) -> np.ndarray:
+    """A numpy view of a fixed-width buffer of ``array`` (its slice: ``len + extra`` items from its offset).
+
+    Built from the buffer itself: pyarrow's ``to_numpy`` imports pandas (about 35 MiB of anonymous memory).
+    """
+    data = array.buffers()[buffer]
+    if data is None:
+        return np.zeros(len(array) + extra, dtype=dtype)
+    return np.frombuffer(data, dtype=dtype)[array.offset : array.offset + len(array) + extra]
+
+
 def _list_offsets(array: pa.Array) -> np.ndarray:
-    """int64 ``[len + 1]`` offsets of a (large_)list array, relative to its unsliced values."""
-    return np.asarray(array.offsets.to_numpy(zero_copy_only=False), dtype=np.int64)
+    """int64 ``[len + 1]`` offsets of a (large_)list or string array, into its unsliced values."""
+    large = pa.types.is_large_list(array.type) or pa.types.is_large_string(array.type)
+    return _values(array, np.int64 if large else np.int32, extra=1).astype(np.int64)
 
 
 class _Ragged:
@@ -102,7 +114,8 @@ class _Ragged:
         self.offsets = _list_offsets(array)
         self.valid = np.ones(len(array), dtype=bool) if array.null_count == 0 else ~_nulls(array)
         inner = array.values  # FixedSizeListArray, unsliced
-        flat = inner.values.to_numpy(zero_copy_only=inner.values.null_count == 0)
+        flat = np.frombuffer(inner.values.buffers()[1], dtype=inner.values.type.to_pandas_dtype())
+        flat = flat[inner.values.offset :]
         self.values = flat[inner.offset * width :].reshape(-1, width)
 
     def row(self, i: int) -> np.ndarray:
@@ -115,7 +128,9 @@ class _Ragged:
 
 
 def _nulls(array: pa.Array) -> np.ndarray:
-    return np.asarray(array.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    bits = np.frombuffer(array.buffers()[0], dtype=np.uint8)
+    valid = np.unpackbits(bits, bitorder="little")[array.offset : array.offset + len(array)]
+    return valid == 0
 
 
 class _VisualBatch:
@@ -127,8 +142,8 @@ class _VisualBatch:
         cls_prob = batch.column("cls_prob")
         width = cls_prob.type.value_type.list_size
         self.cls_prob = _Ragged(cls_prob, width) if cls_prob.null_count < len(cls_prob) else None
-        widths = batch.column("image_width_px").to_numpy()
-        heights = batch.column("image_height_px").to_numpy()
+        widths = _values(batch.column("image_width_px"), np.int32)
+        heights = _values(batch.column("image_height_px"), np.int32)
         self.sizes = np.stack([widths, heights], axis=1).astype(np.float32)
 
 
@@ -151,7 +166,7 @@ class _TextBatch:
         inner = ids.flatten()
         offsets = _list_offsets(inner)
         self.token_offsets = offsets - offsets[0]
-        self.token_values = inner.flatten().to_numpy(zero_copy_only=True)
+        self.token_values = _values(inner.flatten(), np.int32)
 
     def captions(self, row: int) -> list[str]:
         lo, hi = self.caption_offsets[row], self.caption_offsets[row + 1]

@@ -143,3 +143,15 @@ def test_train_throughput_quick(tmp_path: Path) -> None:
     result = load(out)
     assert result["samples_per_s"]["1_workers"] > 0 and result["samples_per_s"]["2_workers"] > 0
     assert len(result["runs"]["2_workers"]) == 1
+
+
+@pytest.mark.slow
+def test_train_memory_quick(tmp_path: Path) -> None:
+    out = tmp_path / "train_memory.json"
+    done = run_script([str(BENCH / "train_memory.py"), "--quick", "--out", str(out)], timeout=900)
+    result = load(out)
+    small, large = result["stores"]["1x"], result["stores"]["8x"]
+    assert large["rows"] == 8 * small["rows"] and small["rows_per_record_batch"] == 64
+    assert small["train"]["peak_rank_pss_bytes"] > 0 and large["train"]["peak_driver_pss_bytes"] > 0
+    assert 0 <= result["open_anonymous_fraction"] < 1
+    assert "goal >= 0.9" in last_line(done)

@@ -84,7 +84,7 @@ def test_empty_committed_shard_is_skipped(tmp_path):
     assert images.split_mask(0.5).shape == (6,)
 
 
-def test_empty_store_is_one_line_error(tmp_path, caplog, capsys):
+def test_empty_store_is_one_line_error(tmp_path, capsys):
     from tiny_store import write_test_store
 
     write_test_store(str(tmp_path / "empty"), {"shard-000": []}, D)
@@ -101,10 +101,11 @@ def test_empty_store_is_one_line_error(tmp_path, caplog, capsys):
         "--model-config",
         "tiny",
     ]
-    assert main(args) == 2
-    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
-    assert (
-        len(errors) == 1
-        and "the store has no committed rows (1 committed shard(s), 1 of them empty)" in errors[0]
+    assert main(args) == ExitCode.BAD_INPUT
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].startswith(
+        "regionflow train: error: the store has no committed rows"
     )
-    assert "Traceback" not in capsys.readouterr().err and not out.exists()
+    assert "(1 committed shard(s), 1 of them empty)" in errors[0]
+    assert "Traceback" not in err and not out.exists()

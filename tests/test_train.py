@@ -140,7 +140,7 @@ def test_more_workers_than_cpus_is_refused_before_training(tiny_inputs, tmp_path
 
 
 def test_run_directory_on_object_storage_is_refused_before_anything(
-    tiny_inputs, tmp_path, caplog, monkeypatch
+    tiny_inputs, tmp_path, capsys, monkeypatch
 ):
     monkeypatch.chdir(tmp_path)
     args = _train_args(tiny_inputs, tmp_path / "unused")

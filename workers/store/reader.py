@@ -71,14 +71,19 @@ class StoreReader:
         return table
 
     def part_file(self, shard: str, columns: tuple[str, ...] | None = None) -> ipc.RecordBatchFileReader:
-        """The shard's part as an IPC file reader whose record batches are read on demand (``get_batch``):
-        memory-mapped on a local filesystem, ranged reads on object storage. With ``columns``, batches hold only
-        those columns and only their buffers are read. Schema checked against v1."""
+        """The shard's part as an IPC file reader whose record batches are read on demand (``get_batch``).
+
+        Local filesystem: memory-mapped, every column zero-copy; ``columns`` is ignored (measured with pyarrow 26:
+        ``included_fields`` on a memory-mapped file copies the selected buffers into anonymous memory).
+        Object storage: ranged reads; with ``columns``, batches hold only those columns and only their buffers
+        are read. Schema checked against v1."""
         path = self.location.path(PARTS_DIR, part_names(shard)[0])
-        source = pa.memory_map(path, "r") if self.location.is_local else self.location.fs.open_input_file(path)
+        source = (
+            pa.memory_map(path, "r") if self.location.is_local else self.location.fs.open_input_file(path)
+        )
         schema = ipc.open_file(source).schema
         self._check_part_schema(shard, schema)
-        if columns is None:
+        if columns is None or self.location.is_local:
             return ipc.open_file(source)
         fields = [schema.get_field_index(c) for c in columns]
         return ipc.open_file(source, options=ipc.IpcReadOptions(included_fields=fields))
