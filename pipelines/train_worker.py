@@ -43,7 +43,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         torch.set_num_threads(config.threads)
     vocab = (run_info.get("vqa") or {}).get("answer_vocab", [])
     images = StoreImages(StoreReader(config.store))
-    sources = training_sources(images, config, model_config, vocab, question_tokenizer(config, model_config))
+    tokenize = question_tokenizer(config, model_config) if "vqa" in config.tasks else None
+    sources = training_sources(images, config, model_config, vocab, tokenize)
     trainer = Trainer(config, model_config, sources, rank, world, get_device())
     out = Path(config.out)
     _restore(trainer, out)
