@@ -37,8 +37,10 @@ from model.checkpoint import CheckpointError
 from model.data import EmptyStoreError, StoreImages
 from model.items import CaptionPairs, Sample, TokenIds, collate
 from model.metrics import EfficiencyMeter
+from model.released import ReleasedCheckpointError
 from model.vqa import VqaDataError
 from pipelines.cli import ExitCode, fail
+from pipelines.evaluate_released import RELEASED_EVAL_SUFFIX, add_released_arguments
 from schemas.store import StoreSchemaError
 
 log = logging.getLogger(__name__)
@@ -55,7 +57,11 @@ class EvalInputError(ValueError):
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``regionflow evaluate`` (DESIGN §9)."""
-    parser.add_argument("run_dir", metavar="RUN", help="run directory written by regionflow train")
+    parser.add_argument(
+        "run_dir",
+        metavar="RUN",
+        help="run directory written by regionflow train, or a released vilbert-multi-task checkpoint file",
+    )
     parser.add_argument("store", metavar="STORE", help="feature store")
     parser.add_argument("--task", required=True, help="comma-separated: pretrain, retrieval, vqa, caption")
     parser.add_argument(
@@ -85,7 +91,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--seed", type=int, default=0, help="negatives and control permutations")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--out", default="", help="report directory (default RUN/eval[-control])")
+    parser.add_argument(
+        "--out",
+        default="",
+        help="report directory (default RUN/eval[-control]; CHECKPOINT-eval/... for a file)",
+    )
+    add_released_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         EvalInputError,
         StoreSchemaError,
         EmptyStoreError,
+        ReleasedCheckpointError,
         VqaDataError,
         CheckpointError,
         FileNotFoundError,
@@ -448,16 +460,22 @@ def evaluate(args: argparse.Namespace) -> Path:
         torch.set_num_threads(args.threads)
     run_dir = Path(args.run_dir).resolve()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, run_info = load_trained_model(run_dir, args.checkpoint, device)
-    config = model.config
     reader = StoreReader(args.store)
+    released = run_dir.is_file()
+    if released:  # a released vilbert-multi-task checkpoint, evaluated on every image of the store
+        from pipelines.evaluate_released import load_released_model
+
+        model, run_info = load_released_model(run_dir, args, reader, tasks, device)
+    else:
+        model, run_info = load_trained_model(run_dir, args.checkpoint, device)
+    config = model.config
     if reader.feature_dim != config.feature_dim:
         raise EvalInputError(
             f"store features have D={reader.feature_dim}, the model was trained on D={config.feature_dim}"
         )
     images = StoreImages(reader)
     fraction = run_info["split"]["holdout_fraction"]
-    held_mask = images.split_mask(fraction)
+    held_mask = images.split_mask(fraction) if fraction is not None else np.ones(images.num_images, bool)
     heldout = np.flatnonzero(held_mask)
     if len(heldout) == 0:
         raise EvalInputError(
@@ -478,10 +496,10 @@ def evaluate(args: argparse.Namespace) -> Path:
         "store": str(args.store),
         "tasks": tasks,
         "control": control,
-        "model": "checkpoint " + args.checkpoint if args.checkpoint else "model.pt",
+        "model": _model_name(args, released),
         "split": {
             "holdout_fraction": fraction,
-            "hash_rule": HASH_RULE,
+            "hash_rule": run_info["split"].get("hash_rule", HASH_RULE),
             "images": int(len(heldout)),
             "captions": int(images.num_captions()[heldout].sum()),
         },
@@ -490,9 +508,20 @@ def evaluate(args: argparse.Namespace) -> Path:
         "notes": notes,
     }
     default_dir = EVAL_DIR if control == "none" else f"{EVAL_DIR}-{control.replace('_', '-')}"
-    out = Path(args.out) if args.out else run_dir / default_dir
-    write_report(out, report, read_losses(run_dir / "losses.jsonl"))
+    if args.out:
+        out = Path(args.out)
+    elif released:
+        out = run_dir.with_name(run_dir.name + RELEASED_EVAL_SUFFIX) / default_dir
+    else:
+        out = run_dir / default_dir
+    write_report(out, report, [] if released else read_losses(run_dir / "losses.jsonl"))
     return out
+
+
+def _model_name(args: argparse.Namespace, released: bool) -> str:
+    if released:
+        return f"released checkpoint {args.run_dir}"
+    return "checkpoint " + args.checkpoint if args.checkpoint else "model.pt"
 
 
 def _notes(

@@ -19,6 +19,7 @@ import math
 from model.checkpoint import CheckpointError
 from model.config import PRESETS
 from model.data import DEFAULT_HOLDOUT_FRACTION, EmptyStoreError
+from model.released import ReleasedCheckpointError
 from model.train_config import DEFAULT_KEEP_CHECKPOINTS, TrainInputError, flag
 from model.vqa import DEFAULT_MIN_ANSWER_COUNT, VqaDataError
 from pipelines.cli import ExitCode, fail
@@ -105,6 +106,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--text-layers", type=int, default=0, help="BERT layers used (0: the preset's)")
     parser.add_argument(
+        "--text-dir",
+        default="",
+        metavar="DIR",
+        help="HF BERT directory of the text stream (vilbert-base: a bert-base-uncased directory); "
+        "default: the packaged MiniLM",
+    )
+    parser.add_argument(
+        "--init-from",
+        default="",
+        metavar="RUN_OR_CHECKPOINT",
+        help="start from a finished run (its model.pt), a model.pt, or a released vilbert-multi-task checkpoint; "
+        "heads it lacks or of another shape start fresh (listed in run.json init_from)",
+    )
+    parser.add_argument(
         "--contrastive-weight", type=float, default=0.0, help="trains the --rerank-top first stage"
     )
     parser.add_argument(
@@ -151,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
         TrainInputError,
         StoreSchemaError,
         EmptyStoreError,
+        ReleasedCheckpointError,
         VqaDataError,
         CheckpointError,
         FileNotFoundError,

@@ -103,7 +103,7 @@ def config_from_args(args: argparse.Namespace, store: str, max_steps: int) -> Tr
         max_failures=args.max_failures,
         inject_fault=args.inject_fault,
         use_gpu=torch.cuda.is_available(),
-        init_from=getattr(args, "init_from", "") or "",
+        init_from=str(Path(args.init_from).resolve()) if args.init_from else "",
     )
 
 
@@ -149,7 +149,15 @@ def prepare(args: argparse.Namespace) -> PreparedRun:
         args.text_layers,
         args.contrastive_weight,
         args.hard_negatives,
+        text_checkpoint=str(Path(args.text_dir).resolve()) if args.text_dir else "",
     )
+    init_report = None
+    if config.init_from:
+        from model.init_from import init_config, initial_weights
+
+        model_config = init_config(config.init_from, model_config)
+        _, report = initial_weights(config.init_from, model_config)  # refuses what does not fit, before Ray
+        init_report = report.to_dict()
     max_steps = config.max_steps or _steps_from_epochs(sizes["items"], config, args.epochs)
     config = dataclasses.replace(config, max_steps=max_steps)
     run_info = {
@@ -170,6 +178,8 @@ def prepare(args: argparse.Namespace) -> PreparedRun:
         else None,
         "train": config.to_dict(),
     }
+    if init_report is not None:
+        run_info["init_from"] = init_report
     resume_step = None
     if args.resume:
         run_info, resume_step = check_resume(Path(config.out), run_info)

@@ -45,9 +45,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     images = StoreImages(StoreReader(config.store))
     tokenize = question_tokenizer(config, model_config) if "vqa" in config.tasks else None
     sources = training_sources(images, config, model_config, vocab, tokenize)
-    trainer = Trainer(config, model_config, sources, rank, world, get_device())
     out = Path(config.out)
-    _restore(trainer, out)
+    checkpoint = ray.train.get_checkpoint()
+    initial = None
+    if (
+        checkpoint is None and config.init_from
+    ):  # a checkpoint (restart, --resume) replaces every weight anyway
+        from model.init_from import initial_weights
+
+        initial, _ = initial_weights(config.init_from, model_config)
+    trainer = Trainer(config, model_config, sources, rank, world, get_device(), initial)
+    _restore(trainer, out, checkpoint)
     stop = min(config.max_steps, config.stop_after_steps or config.max_steps)
     start_step, started = trainer.step, time.perf_counter()
     trainer.run(
@@ -71,11 +79,8 @@ def question_tokenizer(config: TrainConfig, model_config: ModelConfig) -> Any:
     return lambda questions: tokenizer.encode(questions).input_ids
 
 
-def _restore(trainer: Trainer, out: Path) -> None:
+def _restore(trainer: Trainer, out: Path, checkpoint: Any) -> None:
     """Continue from Ray Train's latest checkpoint when there is one; else start ``losses.jsonl`` afresh."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         if trainer.rank == 0:
             (out / LOSSES_FILE).write_text("")

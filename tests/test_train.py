@@ -278,3 +278,25 @@ def test_uncommitted_shards_are_ignored_with_one_warning(tmp_path, ray_session, 
     assert len(warnings) == 1
     assert "ignoring 1 uncommitted shard(s)" in warnings[0] and warnings[0].endswith(": shard-001")
     assert "8 images" in capsys.readouterr().err  # the 4 images of shard-001 are not read
+
+
+def test_init_from_a_finished_run_with_another_answer_vocabulary(
+    uninterrupted, tiny_inputs, tmp_path, ray_session
+):
+    annotations = json.loads(tiny_inputs["annotations"].read_text())
+    for item in annotations["annotations"]:  # "red" merged into "blue": a 4-answer vocabulary
+        item["multiple_choice_answer"] = item["multiple_choice_answer"].replace("red", "blue")
+        for answer in item["answers"]:
+            answer["answer"] = answer["answer"].replace("red", "blue")
+    other = tmp_path / "annotations.json"
+    other.write_text(json.dumps(annotations))
+    out = tmp_path / "run"
+    args = _with_max_steps(_train_args(tiny_inputs, out, "--init-from", str(uninterrupted)), 2)
+    args[args.index("--vqa-annotations") + 1] = str(other)
+    assert main(args) == 0
+    run = json.loads((out / RUN_FILE).read_text())
+    init = run["init_from"]
+    assert init["kind"] == "regionflow" and init["source"] == str(uninterrupted / MODEL_FILE)
+    assert run["model_config"]["num_answers"] == 4 and init["loaded"] > 0
+    assert init["fresh"] and all(k.startswith("vqa_head.") for k in init["fresh"])
+    assert len(_losses(out)) == 2
