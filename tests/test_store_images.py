@@ -109,3 +109,22 @@ def test_empty_store_is_one_line_error(tmp_path, capsys):
     )
     assert "(1 committed shard(s), 1 of them empty)" in errors[0]
     assert "Traceback" not in err and not out.exists()
+
+
+def test_object_storage_reads_batches_with_a_bounded_cache(batched, s3):
+    """The same store on the loopback S3 server: the same rows, read as ranged reads of one record batch's
+    columns, kept in a cache bounded by bytes (here: about one batch)."""
+    store, _ = batched
+    for path in sorted(store.rglob("*")):
+        if path.is_file():
+            s3.upload(path, f"batched/{path.relative_to(store)}")
+    local = StoreImages(StoreReader(str(store)))
+    one_batch = local.visual(0).features.nbytes * BATCH_ROWS * 4  # generous bound for one batch's columns
+    remote = StoreImages(StoreReader(s3.url("batched")), remote_cache_bytes=one_batch)
+    assert remote.num_images == local.num_images and remote.identities() == local.identities()
+    for index in (0, 21, 5, 12, 3):
+        np.testing.assert_array_equal(remote.visual(index).features, local.visual(index).features)
+        assert [a.tolist() for a in remote.caption_ids(index)] == [a.tolist() for a in local.caption_ids(index)]
+        assert remote.captions(index) == local.captions(index)
+    assert remote.cache._bytes <= one_batch
+    assert remote.cache.loads >= 5  # evictions: batches were read again, not kept
