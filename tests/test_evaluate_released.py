@@ -37,5 +37,7 @@ def test_released_checkpoint_is_evaluated_on_every_image(tmp_path, capsys):
     capsys.readouterr()
     assert main([*args, "--task", "caption"]) == ExitCode.BAD_INPUT
     assert "the released model has no caption_decoder: drop caption from --task" in capsys.readouterr().err
-    assert main([*args, "--task", "vqa", "--vqa-questions", "q", "--vqa-annotations", "a"]) == ExitCode.BAD_INPUT
+    assert (
+        main([*args, "--task", "vqa", "--vqa-questions", "q", "--vqa-annotations", "a"]) == ExitCode.BAD_INPUT
+    )
     assert "needs --answers (its answer list)" in capsys.readouterr().err

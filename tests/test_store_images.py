@@ -124,7 +124,9 @@ def test_object_storage_reads_batches_with_a_bounded_cache(batched, s3):
     assert remote.num_images == local.num_images and remote.identities() == local.identities()
     for index in (0, 21, 5, 12, 3):
         np.testing.assert_array_equal(remote.visual(index).features, local.visual(index).features)
-        assert [a.tolist() for a in remote.caption_ids(index)] == [a.tolist() for a in local.caption_ids(index)]
+        assert [a.tolist() for a in remote.caption_ids(index)] == [
+            a.tolist() for a in local.caption_ids(index)
+        ]
         assert remote.captions(index) == local.captions(index)
     assert remote.cache._bytes <= one_batch
     assert remote.cache.loads >= 5  # evictions: batches were read again, not kept
