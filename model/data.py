@@ -36,6 +36,10 @@ VISUAL_COLUMNS = ("features", "boxes_xyxy_px", "cls_prob", "image_width_px", "im
 TEXT_COLUMNS = ("key", "captions", "input_ids")
 DEFAULT_REMOTE_CACHE_BYTES = 256 * 2**20  # decoded record-batch columns kept per process on object storage
 LOCAL_VIEWS_KEPT = 64  # record-batch views kept per process on a local store (views only: no data copied)
+# local store: after this many visual rows, the mapped pages are released (StoreReader.release_mapped_pages): the
+# kernel maps a large folio (~0.65 MB measured) per random 147 KB butd row, so a rank's RSS/PSS would otherwise
+# grow with the rows it has read, up to the store's size
+RELEASE_MAPPED_EVERY_ROWS = 16
 
 
 class EmptyStoreError(ValueError):
@@ -71,6 +75,8 @@ class StoreLike(Protocol):
     def part_file(self, shard: str, columns: tuple[str, ...] | None = None) -> ipc.RecordBatchFileReader: ...
 
     def part_is_local(self) -> bool: ...
+
+    def release_mapped_pages(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -275,6 +281,8 @@ class StoreImages:
     def __init__(self, store: StoreLike, remote_cache_bytes: int = DEFAULT_REMOTE_CACHE_BYTES) -> None:
         self.feature_dim = int(store.feature_dim)
         self.cache = _BatchCache(store.part_is_local(), remote_cache_bytes)
+        self._release_mapped_pages = store.release_mapped_pages if store.part_is_local() else None
+        self._rows_read = 0
         committed = list(store.shards())
         parts = [_Part(store, s, self.feature_dim, self.cache) for s in committed]
         self.empty_shard_ids = [s for s, p in zip(committed, parts, strict=True) if p.num_rows == 0]
@@ -369,6 +377,9 @@ class StoreImages:
     def visual(self, index: int) -> VisualRow:
         """The visual row shown for image ``index`` (its own unless a permutation view is used)."""
         source = index if self._visual_source is None else int(self._visual_source[index])
+        self._rows_read += 1
+        if self._release_mapped_pages is not None and self._rows_read % RELEASE_MAPPED_EVERY_ROWS == 0:
+            self._release_mapped_pages()  # before this row is read: views stay valid (pages fault back in)
         own, own_row = self._visual_batch(index)
         src, src_row = self._visual_batch(source) if source != index else (own, own_row)
         if not self._features_only:

@@ -3,6 +3,8 @@ config digest)."""
 
 from __future__ import annotations
 
+import mmap
+
 import pyarrow as pa
 import pyarrow.ipc as ipc
 
@@ -39,6 +41,7 @@ class StoreReader:
             raise StoreSchemaError(f"{root}: not a regionflow store (no {MANIFEST_FILE})")
         self.manifest = manifest
         self.feature_dim = int(manifest["feature_dim"])
+        self._maps: list[mmap.mmap] = []  # parts mapped by part_file (release_mapped_pages)
 
     def shards(self) -> list[str]:
         """Committed shard ids (a marker of this store's config digest), sorted."""
@@ -73,20 +76,30 @@ class StoreReader:
     def part_file(self, shard: str, columns: tuple[str, ...] | None = None) -> ipc.RecordBatchFileReader:
         """The shard's part as an IPC file reader whose record batches are read on demand (``get_batch``).
 
-        Local filesystem: memory-mapped, every column zero-copy; ``columns`` is ignored (measured with pyarrow 26:
-        ``included_fields`` on a memory-mapped file copies the selected buffers into anonymous memory).
+        Local filesystem: memory-mapped with ``MADV_RANDOM`` (`_random_access_map`), every column zero-copy;
+        ``columns`` is ignored (measured with pyarrow 26: ``included_fields`` on a memory-mapped file copies the
+        selected buffers into anonymous memory).
         Object storage: ranged reads; with ``columns``, batches hold only those columns and only their buffers
         are read. Schema checked against v1."""
         path = self.location.path(PARTS_DIR, part_names(shard)[0])
-        source = (
-            pa.memory_map(path, "r") if self.location.is_local else self.location.fs.open_input_file(path)
-        )
+        if self.location.is_local:
+            source, mapped = _random_access_map(path)
+            self._maps.append(mapped)
+        else:
+            source = self.location.fs.open_input_file(path)
         schema = ipc.open_file(source).schema
         self._check_part_schema(shard, schema)
         if columns is None or self.location.is_local:
             return ipc.open_file(source)
         fields = [schema.get_field_index(c) for c in columns]
         return ipc.open_file(source, options=ipc.IpcReadOptions(included_fields=fields))
+
+    def release_mapped_pages(self) -> None:
+        """Drop the page-table entries of every part this reader mapped (``MADV_DONTNEED``): the data stays in the
+        page cache and views into it stay valid (read-only file mappings fault back in on the next touch), but
+        the pages stop counting in this process's RSS / PSS. Readers of random rows call it now and then."""
+        for mapped in self._maps:
+            mapped.madvise(mmap.MADV_DONTNEED)
 
     def part_is_local(self) -> bool:
         """True when parts are memory-mapped files (a local or shared filesystem), False on object storage."""
@@ -108,3 +121,17 @@ class StoreReader:
         if self.location.is_local:
             return ipc.open_file(pa.memory_map(path, "r")).read_all()
         return ipc.open_file(pa.py_buffer(self.location.read_bytes(path))).read_all()
+
+
+def _random_access_map(path: str) -> tuple[pa.BufferReader, mmap.mmap]:
+    """The file memory-mapped read-only with ``madvise(MADV_RANDOM)``, as an Arrow buffer reader (zero-copy).
+
+    A training loader touches rows in random order: no readahead of the neighbouring rows from disk (the
+    kernel's window is 8 MiB on the development machine). Pages already cached are still mapped a large folio at a
+    time (about 0.65 MB per random 147 KB butd row, measured): `StoreReader.release_mapped_pages` drops them.
+    ``pa.memory_map`` offers no madvise.
+    """
+    with open(path, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    mapped.madvise(mmap.MADV_RANDOM)
+    return pa.BufferReader(pa.py_buffer(mapped)), mapped
