@@ -80,13 +80,12 @@ def detector_outputs(detector_name: str, count: int, threads: int) -> tuple[list
 
 def build_store(root: Path, sources: list[Any], rows: int, shards: int, feature_dim: int) -> list[str]:
     """Write ``rows`` rows (cycling through ``sources``) into ``shards`` committed parts; returns the keys."""
-    from pipelines.extract_scheduler import ROWS_PER_RECORD_BATCH
     from schemas.manifest import ShardAccounting, new_manifest
     from schemas.store import row_schema
     from workers.read.reader import DecodedSample
     from workers.read.tokenizer import CaptionTokenizer
     from workers.rows import ReadSample, build_rows
-    from workers.store import PartWriter, StoreLocation, write_manifest
+    from workers.store import ROWS_PER_RECORD_BATCH, PartWriter, StoreLocation, write_manifest
 
     location = StoreLocation.parse(str(root))
     extraction = {"bench": "store_reads", "feature_dim": feature_dim}

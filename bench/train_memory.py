@@ -123,9 +123,8 @@ def _rows_table(start: int, count: int, shard: str, rng: np.random.Generator) ->
 
 def build_store(root: Path, rows: int) -> dict[str, Any]:
     """A committed store of ``rows`` butd-size rows in `SHARDS` shards, 64-row record batches."""
-    from pipelines.extract_scheduler import ROWS_PER_RECORD_BATCH
     from schemas.manifest import ShardAccounting, new_manifest
-    from workers.store import PartWriter, StoreLocation, write_manifest
+    from workers.store import ROWS_PER_RECORD_BATCH, PartWriter, StoreLocation, write_manifest
 
     location = StoreLocation.parse(str(root))
     manifest = new_manifest(
