@@ -30,8 +30,8 @@ detectors, or at the writer), each of at most ``batch_size`` images, however lar
 The summary reports the driver-measured maxima (``max_batches_in_flight``, ``max_images_in_flight``,
 ``max_batches_per_actor``) and what reached the driver (``driver_received_bytes``, ``driver_cpu_s``).
 
-Determinism: an image's features depend only on the image (the detector pads it to a canvas chosen from its
-own size, and a chunk's images are batched per bucket), and each part is written in source order in fixed
+Determinism: an image's features depend only on the image (the detector runs its trunk on each image alone,
+unpadded, and batches only the RoI head in fixed-shape chunks), and each part is written in source order in fixed
 record batches, so the store does not depend on batch size, actor count, shards in flight or scheduling.
 
 Stores: a local path on one machine, a local path mounted at the same place on every node

@@ -309,9 +309,6 @@ class PlantedDetector:
     def __init__(self, outputs: dict[int, object]) -> None:
         self.outputs = outputs
 
-    def bucket_of(self, height_px: int, width_px: int) -> tuple[int, int]:
-        return (32, 32)
-
     def extract(self, images: list[np.ndarray], given_boxes: object = None) -> list[object]:
         return [self.outputs[image.shape[1]] for image in images]
 

@@ -7,8 +7,8 @@ Two stages, each a plain function or class that ``pipelines/extract.py`` wraps w
    images each (error samples ride along in their source position). The last chunk carries the shard's
    member counts. Memory per shard is bounded by one chunk, however large the shard.
 2. ``RegionRowBuilder.process`` (detector): runs the detector on a chunk's images (``RegionDetector``
-   batches only images of one size bucket, ``bucket_of``, so an image's features never depend on which
-   other images share its chunk), and turns every (sample, tokens, detector output) into one row of
+   runs each image's trunk alone, unpadded, and batches only its RoI head in fixed-shape chunks, so an image's
+   features never depend on which other images share its chunk), and turns every (sample, tokens, detector output) into one row of
    ``schemas.store.row_schema(D)``. A detector output that cannot be stored (non-finite values, a feature
    beyond the float16 range, a box outside its image or empty, no box at all) becomes an error row with
    reason ``detector_output_invalid`` instead of a row; the shard goes on.
@@ -232,8 +232,8 @@ class RegionRowBuilder:
         )
 
     def _detect(self, samples: Sequence[ReadSample]) -> dict[int, RegionOutput]:
-        """Detector outputs by ``id(sample)``. ``RegionDetector.extract`` batches only images of one size
-        bucket (``bucket_of``), so an image's features do not depend on the other images of the chunk."""
+        """Detector outputs by ``id(sample)``. ``RegionDetector.extract`` never pads an image nor mixes it with
+        another in the trunk, so an image's features do not depend on the other images of the chunk."""
         images = [item.sample.image_rgb for item in samples]
         given = [item.sample.given_boxes_xyxy_px for item in samples] if self.box_source == "given" else None
         outputs = self.detector.extract(images, given) if samples else []
