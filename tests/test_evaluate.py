@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from tiny_store import planted_rows, random_rows, write_store, write_vqa
 
+from model.scoring import derangement
 from pipelines.cli import ExitCode, main
-from pipelines.evaluate import derangement
 
 D = 8
 EXIT_BAD_INPUT = ExitCode.BAD_INPUT
