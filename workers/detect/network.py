@@ -184,7 +184,7 @@ class RoIHeads(nn.Module):
 
         ``across_images=False``: each image's RoIs run in chunks of ``_ROI_CHUNK`` of their own, never mixed
         with another image's (the CPU path: one image per call). ``True``: the pooled crops of all images run
-        through res5 and the box predictor together, in chunks of exactly ``_ROI_CHUNK`` crops (the last one
+        through res5 and the box predictor together, in chunks of exactly ``num_proposals`` crops (the last one
         padded with zeros), so every kernel sees one shape whatever the images: a crop's outputs depend on that
         crop only (RoIPool already cut it from its own image), and batching them is exact.
         """
@@ -201,19 +201,20 @@ class RoIHeads(nn.Module):
     def _across_images(
         self, feature_maps: list[torch.Tensor], rois: list[torch.Tensor]
     ) -> list[RegionHeadOutput]:
+        chunk = self.config.num_proposals  # 300: one image's proposals fill a chunk exactly, no padding
         heads: list[RegionHeadOutput] = []
         pending: list[torch.Tensor] = []
         for feature_map, boxes in zip(feature_maps, rois, strict=True):
             feature_map = feature_map.float().contiguous()
-            for part in boxes.split(_ROI_CHUNK):
+            for part in boxes.split(chunk):
                 pending.append(self.roi_pool(feature_map, [part]))
-                if sum(p.shape[0] for p in pending) >= _ROI_CHUNK:
+                if sum(p.shape[0] for p in pending) >= chunk:
                     crops = torch.cat(pending)
-                    heads.append(self._head(crops[:_ROI_CHUNK]))
-                    pending = [crops[_ROI_CHUNK:]]
+                    heads.append(self._head(crops[:chunk]))
+                    pending = [crops[chunk:]]
         rest = torch.cat(pending) if pending else None
         if rest is not None and rest.shape[0]:
-            padded = rest.new_zeros(_ROI_CHUNK, *rest.shape[1:])
+            padded = rest.new_zeros(chunk, *rest.shape[1:])
             padded[: rest.shape[0]] = rest
             heads.append(self._head(padded))
         if not heads:  # no RoI in any image: the predictor's outputs of zero rows
