@@ -234,3 +234,25 @@ def test_features_are_those_of_a_plain_unpadded_forward():
         output = detector.extract([image])[0]
         np.testing.assert_array_equal(output.boxes_xyxy_px, boxes[keep].numpy())
         np.testing.assert_array_equal(output.features, head.features[keep].numpy())
+
+
+def test_too_small_image_becomes_an_image_too_small_error_row(tiny):
+    """Through the row builder: the reason code and its numbers reach the error table (issue 14 item 5)."""
+    from workers.read.reader import DecodedSample, MemberCounts
+    from workers.read.tokenizer import TokenizedCaptions
+    from workers.rows import ReadSample, RegionRowBuilder, ShardChunk
+
+    def sample(key: str, image: np.ndarray) -> ReadSample:
+        height, width = image.shape[:2]
+        decoded = DecodedSample(
+            key, "s", None, image, width, height, ("a cap",), None, (f"{key}.jpg", f"{key}.txt")
+        )
+        return ReadSample(decoded, TokenizedCaptions([[101, 1037, 102]], [False]))
+
+    items = (sample("ok", synthetic_images()[0]), sample("dot", np.full((1, 1, 3), 9, np.uint8)))
+    chunk = ShardChunk("s", 0, items, MemberCounts(4, {}))
+    result = RegionRowBuilder(tiny, box_source="detector", with_cls_prob=False).process(chunk)
+    assert result.rows.column("key").to_pylist() == ["ok"]
+    [error] = result.errors
+    assert (error.key, error.reason) == ("dot", "image_too_small")
+    assert error.detail.startswith("image 1x1 px resized to 256x256 (scale 256)")
