@@ -41,3 +41,50 @@ def test_released_checkpoint_is_evaluated_on_every_image(tmp_path, capsys):
         main([*args, "--task", "vqa", "--vqa-questions", "q", "--vqa-annotations", "a"]) == ExitCode.BAD_INPUT
     )
     assert "needs --answers (its answer list)" in capsys.readouterr().err
+
+
+def _text_dir_with_tokenizer(root):
+    """A 120-word BERT directory whose WordPiece tokenizer (tokenizer.json) covers the VQA test questions."""
+    from tokenizers import BertWordPieceTokenizer
+
+    words = ["what", "color", "is", "the", "thing", "?", "0", "1"]
+    vocab = ["[PAD]", *(f"tok{i}" for i in range(1, 100)), "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]
+    vocab += [f"w{i}" for i in range(VOCAB - len(vocab))]
+    tdir = text_dir(root)
+    (tdir / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertWordPieceTokenizer(str(tdir / "vocab.txt"), lowercase=True).save(str(tdir / "tokenizer.json"))
+    return tdir
+
+
+def test_released_vqa_uses_the_checkpoints_answer_list(tmp_path):
+    from tiny_store import VQA_ANSWERS, write_vqa
+
+    tdir = _text_dir_with_tokenizer(tmp_path / "text")
+    checkpoint = tmp_path / "multi_task_model.bin"
+    write_checkpoint(checkpoint, "vl-tasks", task_tokens=True)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(tiny_config(tdir).to_dict()))
+    rows = random_rows(num_images=6, feature_dim=FEAT, seed=3, captions_per_image=1, with_image_ids=True)
+    for row in rows:
+        row["input_ids"] = [[101, 104, 102]]
+    store = write_store(tmp_path / "store", rows, FEAT, num_shards=1)
+    questions, annotations = write_vqa(tmp_path / "vqa", [r["image_id"] for r in rows])
+    answers = tmp_path / "answers.json"  # the checkpoint's 3129-answer vocabulary, index = logit column
+    answers.write_text(json.dumps([*VQA_ANSWERS, *(f"answer {i}" for i in range(3129 - len(VQA_ANSWERS)))]))
+    args = ["evaluate", str(checkpoint), str(store), "--model-config-json", str(config), "--threads", "1"]
+    vqa = [
+        "--vqa-questions",
+        str(questions),
+        "--vqa-annotations",
+        str(annotations),
+        "--answers",
+        str(answers),
+    ]
+    out = tmp_path / "report"
+    assert main([*args, "--task", "vqa", *vqa, "--out", str(out)]) == ExitCode.OK
+    report = json.loads((out / "report.json").read_text())
+    assert report["metrics"]["vqa"]["answer_vocab_size"] == 3129
+    assert report["metrics"]["vqa"]["model"]["num_questions"] == 12  # every image's 2 questions
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps(list(VQA_ANSWERS)))
+    assert main([*args, "--task", "vqa", *vqa[:4], "--answers", str(short)]) == ExitCode.BAD_INPUT
