@@ -126,8 +126,21 @@ def _gpu(r: dict[str, Any]) -> tuple[float, float | None, str]:
     return best / goal, 1.0, text
 
 
+def _driver_load(r: dict[str, Any]) -> tuple[float, float | None, str]:
+    ips = {run["actors"]: run["images_per_s"] for run in r["runs"]}
+    text = (
+        f"`extract`, stand-in detector [36, 2048] rows, 3-node Cluster: images/s 4 / 1 actors "
+        f"({ips[4]:.1f} / {ips[1]:.1f}; 2 actors {ips[2]:.1f}); bytes to the driver "
+        f"{r['driver_bytes_per_image']:.0f} B/image (goal <= {r['goal_driver_bytes_per_image']} B; first "
+        f"design {r['first_design_driver_bytes_per_image'] / 1000:.0f} KB); driver CPU "
+        f"{r['driver_cpu_s_per_1000_images']:.2f} s per 1000 images"
+    )
+    return r["ratio"], r.get("goal"), text
+
+
 ROWS: dict[str, Callable[[dict[str, Any]], tuple[float, float | None, str]]] = {
     "extract_efficiency": _efficiency,
+    "driver_load": _driver_load,
     "batching": _batching,
     "store_reads": _store_reads,
     "coattention": _coattention,

@@ -8,6 +8,7 @@ Default sizes (each script's own flags give bigger runs):
 | ``coattention.py`` | ``--repeats 10`` | ~3 min |
 | ``extract_efficiency.py`` | ``--config tiny --images 80 --shards 4`` | ~3 min |
 | ``batching.py`` | ``--config tiny --images 8 --repeats 9 --true-batch`` | ~1 min |
+| ``driver_load.py`` | 640 images, 40 ms stand-in detector, batch 8, 1/2/4 actors on a 3-node Cluster | ~2 min |
 | ``store_reads.py`` | butd-r101-c4 outputs of 2 images, 1000 rows, 5 repeats | ~5 min |
 | ``memory.py`` | 2 shards × 20 images vs 10× | ~5 min |
 | ``train_memory.py`` | 512 vs 4096 butd-size rows (64-row batches), 20 steps | ~6 min |
@@ -38,6 +39,7 @@ PLAN: list[tuple[str, list[str]]] = [
         ["extract_efficiency.py", "--config", "tiny", "--images", "80", "--shards", "4"],
     ),
     ("batching_tiny", ["batching.py", "--config", "tiny", "--images", "8", "--repeats", "9", "--true-batch"]),
+    ("driver_load", ["driver_load.py"]),
     ("store_reads", ["store_reads.py"]),
     ("memory", ["memory.py"]),
     ("train_memory", ["train_memory.py"]),
@@ -51,6 +53,7 @@ BUTD_PLAN: list[tuple[str, list[str]]] = [
     ("extract_efficiency_butd", ["extract_efficiency.py", "--config", "butd-r101-c4", "--images", "40"]),
 ]
 QUICK_ARGS = {
+    "driver_load": ["driver_load.py", "--images", "32", "--shards", "4", "--delay-ms", "10"],
     "coattention": ["coattention.py", "--repeats", "2"],
     "extract_efficiency_tiny": [
         "extract_efficiency.py",

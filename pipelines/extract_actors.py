@@ -248,6 +248,7 @@ class DetectorPool:
             max_restarts=ACTOR_MAX_RESTARTS,
             max_task_retries=ACTOR_MAX_TASK_RETRIES,
             runtime_env={"env_vars": detector_env_vars()},
+            scheduling_strategy="SPREAD",  # across nodes: each node's shards then have actors to feed
         )
         return actor_class.remote(self.spec, self.fault)
 
