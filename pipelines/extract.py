@@ -75,8 +75,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 
-from pipelines.cli import fail
+from pipelines.cli import ExitCode, fail
 from pipelines.extract_actors import ACTOR_QUEUE_DEPTH, DETECTOR_SEED, FaultInjection
 from pipelines.extract_config import (
     DEFAULT_BATCH_SIZE,
@@ -90,7 +91,7 @@ from pipelines.extract_config import (
     ShardsNotFound,
     missing_local_shards,
 )
-from pipelines.extract_run import extract, extraction_config, library_versions
+from pipelines.extract_run import committed_shards, extract, extraction_config, library_versions
 from pipelines.extract_scheduler import SHARD_ATTEMPTS
 from workers.read.tokenizer import MIN_MAX_TOKENS
 from workers.store import StoreLockedError, StoreRefused
@@ -276,5 +277,10 @@ def run(args: argparse.Namespace) -> int:
         summary = extract(args.shards, args.out, config)
     except (ShardsNotFound, ExtractRefused, StoreRefused, ValueError, StoreLockedError) as exc:
         return fail("extract", exc)
+    except KeyboardInterrupt:
+        committed = committed_shards(args.shards, args.out)
+        print(f"regionflow extract: stopped; {committed} shards committed; rerun the same command to resume",
+              file=sys.stderr)  # fmt: skip
+        return int(ExitCode.INTERRUPTED)
     print(json.dumps(summary.to_dict(), indent=1, sort_keys=True))
     return summary.exit_code

@@ -13,17 +13,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import ray
 
 from pipelines.extract_actors import (
+    DETECTOR_SEED,
+    OMP_WAIT_POLICY,
     DetectorInfo,
     DetectorPool,
     DetectorSpec,
     FaultInjection,
     RayResources,
     connect_ray,
+    detector_env_vars,
     object_store_env,
     warm_read_worker_task,
 )
@@ -48,6 +52,8 @@ from workers.store import (
     check_config,
     committed_sources,
     finish_manifest,
+    read_manifest,
+    read_marker,
     refuse_foreign_directory,
     shard_source,
     start_manifest,
@@ -114,7 +120,11 @@ def extract(
     with StoreLock(inputs.location):
         sources = {inputs.shard_ids[url]: shard_source(url) for url in inputs.urls}
         committed = committed_sources(inputs.location, sources, overwrite=config.overwrite)
+        summary_or_none = complete_without_ray(inputs, committed, config)
         try:
+            if summary_or_none is not None:  # every shard committed under this config: no Ray, no detector
+                _log_summary(summary_or_none)
+                return summary_or_none
             resources = connect_ray(config)
             check_store_reachable(inputs.out, config.store_shared_fs, STORE_WRITERS)
             pool, info = _start_detectors(config, resources, inputs.urls, fault, build_detector)
@@ -126,6 +136,72 @@ def extract(
                 ray.shutdown()
     _log_summary(summary)
     return summary
+
+
+def complete_without_ray(
+    inputs: RunInputs, committed: CommittedShards, config: ExtractConfig
+) -> ExtractSummary | None:
+    """A rerun on a complete store, decided from the markers before Ray starts (issue 14 item 11): when the
+    store's manifest holds this run's extraction config and every shard of the run has a marker of its digest
+    from the same input, record the run in the manifest and return its summary (every shard skipped).
+    None when anything would be done, or when the config cannot be told without building the detector
+    (then the run goes the normal way, which decides with the detector's own digest).
+
+    The config is this run's ``extraction_config`` with the weights digest computed without Ray: a weights
+    file is hashed; a random init (seeded, ``DETECTOR_SEED``) is taken from the manifest only when every
+    library version it records is the one installed now.
+    """
+    manifest = read_manifest(inputs.location)
+    if manifest is None:
+        return None
+    digest = manifest["config_digest"]
+    if not all(committed.is_done(shard, digest) for shard in inputs.shard_ids.values()):
+        return None
+    info = _info_without_ray(config, manifest)
+    if info is None or config_digest(extraction_config(config, info, inputs.tokenizer)) != digest:
+        return None
+    summary = _new_summary(inputs.out, digest, len(inputs.urls), info, 0.0)
+    summary.shards_skipped = len(inputs.urls)
+    summary.detector_omp_wait_policy = detector_env_vars()[OMP_WAIT_POLICY]  # what the actors would run with
+    run_entry = _run_entry(summary, config, inputs.urls, inputs.started_utc)
+    finish_manifest(
+        inputs.location, manifest, run_entry, run_shards=set(inputs.shard_ids.values()), failed_shards=[]
+    )
+    logger.info("every shard is committed under this config (markers): nothing to do, Ray not started")
+    return summary
+
+
+def _info_without_ray(config: ExtractConfig, manifest: dict[str, Any]) -> DetectorInfo | None:
+    """The provenance the detector actors would report, from the config and the manifest (None: unknown)."""
+    from workers.detect.config import detector_config
+
+    weights = manifest.get("weights") or {}
+    if config.weights is not None:
+        from workers.detect.weights import weights_digest
+
+        digest, random_init = weights_digest(Path(config.weights)), False
+    elif weights.get("random_init") and manifest.get("library_versions") == library_versions():
+        digest, random_init = str(weights.get("digest")), True
+        if not digest.startswith(f"random-init:seed={DETECTOR_SEED}:"):
+            return None
+    else:
+        return None
+    detector = detector_config(config.detector)
+    return DetectorInfo(detector.to_dict(), int(detector.feature_dim), digest, random_init, "", 0)
+
+
+def committed_shards(shard_urls: list[str], out: str) -> int:
+    """How many of the run's shards the store ``out`` holds committed (a done marker): what an interrupted
+    run leaves (Ctrl-C). Raises nothing: 0 when the URLs or the store cannot be read."""
+    from workers.read.reader import shard_id_of
+    from workers.read.urls import check_shard_urls
+
+    try:
+        location = StoreLocation.parse(out)
+        shards = {shard_id_of(url) for url in check_shard_urls(list(shard_urls))}
+        return sum(read_marker(location, shard) is not None for shard in shards)
+    except (OSError, ValueError):
+        return 0
 
 
 def check_inputs(shard_urls: list[str], out: str, config: ExtractConfig) -> RunInputs:
@@ -170,7 +246,7 @@ def _run(
     digest = config_digest(extraction)
     summary = _new_summary(inputs.out, digest, len(urls), info, startup_s)
     _announce_weights(info, config)
-    check = check_config(location, digest, overwrite=config.overwrite)
+    check = check_config(location, digest, overwrite=config.overwrite, config=extraction)
     summary.stray_temporaries_removed = check.stray_temporaries_removed
     vocabularies = inputs.vocabularies or (check.existing or {}).get("vocabularies")
     provenance = _provenance(info, inputs.tokenizer, vocabularies)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import pickle
 import sys
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +40,12 @@ logger = logging.getLogger("pipelines.extract")
 
 SHARD_ATTEMPTS = 3
 WAIT_TIMEOUT_S = 1.0
+# A shard's read task reserves no logical CPU: it is pinned (soft affinity) to its detectors' node, and Ray
+# waits for room on a live node rather than falling back, so a node whose CPUs the detector actors reserve
+# would never start it (measured: 3 actors on a 3-CPU node hung the run). The number of read tasks is
+# bounded by the shards in flight; the OS shares the cores.
+READ_TASK_CPUS = 0
+PROGRESS_LOG_S = 30.0  # a progress log line this often when stderr is not a terminal (no progress bar)
 
 
 @dataclass
@@ -117,6 +124,9 @@ class ShardScheduler:
         self.active: list[ShardRun] = []
         self.meter = InFlightMeter()
         self.progress = _progress_bar()
+        self.log_lines = not sys.stderr.isatty()  # a log file gets periodic lines instead of the bar
+        self.images_done = 0
+        self.started = self.last_log = time.monotonic()
 
     def run(self, urls: list[str]) -> None:
         queue = deque(urls)
@@ -128,6 +138,7 @@ class ShardScheduler:
             progressed |= self._drain()
             if not progressed:
                 self._wait()
+            self._log_progress()
         self.progress.close()
         self.meter.close()
         self.summary.max_batches_in_flight = self.meter.max_batches
@@ -138,8 +149,10 @@ class ShardScheduler:
         from workers.read.reader import shard_id_of
 
         shard, node = shard_id_of(url), self._pick_node()
-        stream = read_shard_task.options(
-            runtime_env=self.read_env, scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True)
+        stream = read_shard_task.options(  # no logical CPU: see READ_TASK_CPUS
+            num_cpus=READ_TASK_CPUS,
+            runtime_env=self.read_env,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=True),
         ).remote(
             url, self.reader_config, self.config.tokenizer, self.config.max_tokens, self.config.batch_size
         )
@@ -224,6 +237,7 @@ class ShardScheduler:
             if token is not None and stats is not None:
                 self.meter.leave(token, stats.images)
                 self.progress.update(stats.rows + stats.errors)
+                self.images_done += stats.rows + stats.errors
             progressed = True
         if run.exhausted and not run.calls and not run.writes and run.commit is None:
             run.commit = run.writer.commit.remote(run.key, self._accounting(run))
@@ -310,6 +324,24 @@ class ShardScheduler:
                 waitables.append(run.stream)
         if waitables:
             ray.wait(waitables, num_returns=1, timeout=WAIT_TIMEOUT_S, fetch_local=False)
+
+    def _log_progress(self) -> None:
+        """Every ``PROGRESS_LOG_S`` without a terminal: images (rows + error rows), images/s, shards, errors."""
+        now = time.monotonic()
+        if not self.log_lines or now - self.last_log < PROGRESS_LOG_S:
+            return
+        self.last_log = now
+        s = self.summary
+        logger.info(
+            "extract: %d images (%.1f images/s), %d/%d shards done (%d skipped, %d failed), %d error rows",
+            self.images_done,
+            self.images_done / max(now - self.started, 1e-9),
+            s.shards_done + s.shards_skipped,
+            s.shards_total,
+            s.shards_skipped,
+            len(s.failed_shards),
+            s.error_rows,
+        )
 
     def _show_progress(self) -> None:
         s = self.summary

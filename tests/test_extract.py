@@ -213,7 +213,9 @@ def test_other_digest_refused_then_overwritten(
         "8",
     ]
     assert cli.main(args) == 1
-    assert "another extraction config" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "another extraction config" in err
+    assert "box_selection.num_boxes: 12 → 8" in err  # the setting that changed, not only two digests
     assert files_of(out) == before
     assert cli.main([*args, "--overwrite"]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -406,3 +408,44 @@ def test_local_store_refused_on_a_multi_node_cluster(shards: list[str], tmp_path
         cluster.shutdown()
         if was_up:
             ray.init(num_cpus=RAY_TEST_CPUS, include_dashboard=False, log_to_driver=False)
+
+
+def test_progress_lines_without_a_terminal(
+    shards: list[str], tmp_path: Path, caplog, monkeypatch, ray_session: object
+) -> None:
+    """stderr is not a terminal under pytest: no progress bar, so extract logs periodic progress lines
+    (images, images/s, shards, errors); ``PROGRESS_LOG_S`` is shortened to see several in a short run."""
+    import logging
+    import re
+
+    monkeypatch.setattr("pipelines.extract_scheduler.PROGRESS_LOG_S", 0.05)
+    with caplog.at_level(logging.INFO, logger="pipelines.extract"):
+        summary = extract(shards[:2], str(tmp_path / "store"), TINY)
+    assert summary.exit_code == 0
+    pattern = re.compile(
+        r"extract: \d+ images \([\d.]+ images/s\), \d/2 shards done \(0 skipped, 0 failed\), \d+ error rows"
+    )
+    lines = [r.getMessage() for r in caplog.records if pattern.fullmatch(r.getMessage())]
+    assert len(lines) >= 2, [r.getMessage() for r in caplog.records]
+
+
+def test_rerun_on_a_complete_store_decides_before_ray(
+    store: Path, shards: list[str], tmp_path: Path, capsys, monkeypatch
+) -> None:
+    """Every shard committed under this config: the rerun reads the markers and the manifest, records the
+    run and ends without starting Ray or a detector (issue 14 item 11); parts untouched."""
+
+    def no_ray(config: object) -> None:
+        raise AssertionError("Ray must not start for a complete store")
+
+    out = tmp_path / "store"
+    shutil.copytree(store, out)
+    before, manifest = files_of(out), manifest_of(out)
+    monkeypatch.setattr("pipelines.extract_run.connect_ray", no_ray)
+    code = cli.main(["extract", *shards, "--out", str(out), "--config", "tiny", "--num-boxes", "12",
+                     "--detector-threads", "1"])  # fmt: skip
+    summary = json.loads(capsys.readouterr().out)
+    assert code == 0 and (summary["shards_skipped"], summary["shards_done"]) == (3, 0)
+    assert files_of(out) == before
+    assert comparable_manifest(manifest_of(out)) == comparable_manifest(manifest)
+    assert len(manifest_of(out)["runs"]) == len(manifest["runs"]) + 1

@@ -568,3 +568,27 @@ def test_rerun_after_a_kill_during_the_first_manifest_write(
     assert summary.exit_code == 0, summary
     assert_store_invariants(out)
     assert_stores_identical(out, reference)
+
+
+def test_ctrl_c_says_what_is_committed(shards: list[str], tmp_path: Path, own_processes) -> None:
+    """Ctrl-C (SIGINT) once a shard is committed: one line says how many shards are committed and that the
+    same command resumes; exit 130; no traceback (issue 14 item 8)."""
+    out = tmp_path / "store"
+    proc = start_extract(extract_args(shards, out, SLOW_FLAGS), tmp_path / "interrupted")
+    try:
+        wait_for(lambda: markers(out) >= 1 or proc.poll() is not None, RUN_TIMEOUT_S, "shard 0's marker")
+        assert proc.poll() is None, stderr_of(tmp_path / "interrupted")
+        own_processes.extend(psutil.Process(proc.pid).children(recursive=True))
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=RUN_TIMEOUT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = stderr_of(tmp_path / "interrupted")
+    assert code == 130, err
+    committed = markers(out)
+    assert (
+        f"regionflow extract: stopped; {committed} shards committed; rerun the same command to resume" in err
+    )
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err

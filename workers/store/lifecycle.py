@@ -13,6 +13,7 @@ run is recorded (docs/design.md §9 *Commit and resume*). One owner, used by ``r
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -43,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 CHANGED_SHARDS_SHOWN = 5  # shards with another source named in the refusal message
 FOREIGN_SHARDS_SHOWN = 5  # shards of another config named in the refusal message
+DIFFERENCES_SHOWN = 6  # differing settings named in the refusal message
+DIFF_VALUE_CHARS = 40  # a longer value (a digest) is cut
 
 
 class StoreRefused(RuntimeError):
@@ -130,12 +133,16 @@ class StoreCheck:
     deleted_other_config: int = 0
 
 
-def check_config(location: StoreLocation, digest: str, *, overwrite: bool) -> StoreCheck:
+def check_config(
+    location: StoreLocation, digest: str, *, overwrite: bool, config: dict[str, Any] | None = None
+) -> StoreCheck:
     """Check the store against this run's config ``digest`` and clean it, before any part is written.
 
     A manifest of another digest, or a done marker of another digest, is refused unless ``overwrite``, which
     deletes every part, error table, marker and temporary not committed under ``digest`` (a crash part-way
     leaves only uncommitted files: markers are the commit point). Stray temporaries are always deleted.
+    With ``config`` (this run's extraction config, whose digest is ``digest``) the refusal names the settings
+    that differ from the manifest's ``extraction_config``.
 
     Raises:
         StoreConfigMismatch: another config's manifest or shards, and not ``overwrite``.
@@ -147,15 +154,46 @@ def check_config(location: StoreLocation, digest: str, *, overwrite: bool) -> St
         if not overwrite:
             theirs = existing["config_digest"] if existing else "?"
             shown = foreign[:FOREIGN_SHARDS_SHOWN]
+            changed = ""
+            if existing is not None and config is not None:
+                changed = "; ".join(config_differences(existing["extraction_config"], config)) + "; "
             raise StoreConfigMismatch(
-                f"{location.root} holds shards of another extraction config (digest {theirs} ≠ {digest}"
-                f"{', shards ' + ', '.join(shown) if shown else ''}); "
+                f"{location.root} holds shards of another extraction config ({changed}digest {theirs} ≠ "
+                f"{digest}{', shards ' + ', '.join(shown) if shown else ''}); "
                 "use --overwrite to replace them or choose another --out"
             )
         deleted = delete_other_config(location, digest)
         existing = None
     strays = remove_stray_temporaries(location)
     return StoreCheck(existing, len(strays), deleted)
+
+
+def config_differences(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """The settings that differ between two extraction configs, as ``name: old → new`` (nested keys
+    dotted, sorted; long values cut to ``DIFF_VALUE_CHARS``), at most ``DIFFERENCES_SHOWN`` of them."""
+    old, new = _flat(before), _flat(after)
+    names = sorted(k for k in old.keys() | new.keys() if old.get(k, _ABSENT) != new.get(k, _ABSENT))
+    shown = [f"{k}: {_short(old.get(k, _ABSENT))} → {_short(new.get(k, _ABSENT))}" for k in names]
+    more = len(shown) - DIFFERENCES_SHOWN
+    return shown[:DIFFERENCES_SHOWN] + ([f"and {more} more"] if more > 0 else [])
+
+
+_ABSENT = "(absent)"
+
+
+def _flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _short(value: Any) -> str:
+    text = value if value is _ABSENT else json.dumps(value)
+    return text if len(text) <= DIFF_VALUE_CHARS else text[: DIFF_VALUE_CHARS - 1] + "…"
 
 
 def foreign_shards(location: StoreLocation, digest: str) -> list[str]:
