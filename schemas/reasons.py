@@ -36,8 +36,8 @@ class ErrorReason(StrEnum):
     MEMBER_NAME_NOT_UTF8 = (
         "member_name_not_utf8"  # the key's bytes in the tar are not UTF-8 (shown \xNN-escaped)
     )
-    IMAGE_TOO_SMALL = (  # a resized side <= rpn_min_size_px x scale: no RPN proposal can pass the min-size rule
-        "image_too_small"  # (butd-r101-c4: a side of 16 px or less; workers.detect.detector._too_small)
+    IMAGE_TOO_SMALL = (  # a resized side below the trunk's minimum (3 px), or <= rpn_min_size_px x scale (no RPN
+        "image_too_small"  # proposal can pass; butd-r101-c4: a side of 16 px or less); detector._too_small
     )
 
 

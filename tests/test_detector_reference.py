@@ -13,7 +13,7 @@ from detector_cases import COCO_IMAGES, coco_images, synthetic_images
 
 from schemas.reasons import ErrorReason
 from workers.detect.anchors import caffe_cell_anchors
-from workers.detect.backbone import valid_feature_size
+from workers.detect.backbone import min_trunk_input_px, valid_feature_size
 from workers.detect.config import BoxSelectionConfig, detector_config
 from workers.detect.detector import RegionDetector
 from workers.detect.network import RegionDetectorModel
@@ -126,7 +126,9 @@ def test_rpn_min_size_keeps_sides_above_the_minimum():
         ((16, 16), True),
         ((17, 17), False),
     ]
-    + [((16, 17), True), ((480, 640), False), ((100, 4000), False)],
+    + [((16, 17), True), ((480, 640), False), ((100, 4000), False)]
+    # a resized side of 1 px passes the RPN rule (limit 16 x 0.05 = 0.8 px) but not the trunk's 3 px
+    + [((17, 20000), True), ((20000, 17), True)],
 )
 def test_butd_images_too_small_for_any_proposal(size, too_small):
     """butd-r101-c4: a proposal's sides (clipped to the resized image) must exceed 16 px x scale, so an image
@@ -140,6 +142,10 @@ def test_butd_images_too_small_for_any_proposal(size, too_small):
         assert detail == (
             "image 16x4000 px resized to 4x1000 (scale 0.25): an RPN proposal needs both sides > 16 px x scale "
             "= 4 px, so none can exist"
+        )
+    if size == (17, 20000):
+        assert detail == (
+            "image 20000x17 px resized to 1000x1 (scale 0.05): the butd-r101-c4 trunk needs both sides >= 3 px"
         )
 
 
@@ -157,6 +163,27 @@ def test_too_small_images_get_a_reason_and_no_box(tiny):
     # given boxes need no proposal
     given = tiny.extract(images[1:2], [np.array([[0, 0, 8, 8]], np.float32)])[0]
     assert given.boxes_xyxy_px.tolist() == [[0, 0, 8, 8]] and given.no_box_reason is None
+
+
+def test_extreme_aspect_ratio_below_the_trunk_minimum_is_too_small_not_an_error(tiny):
+    """tiny: 4000x16 resizes to 400x2 (scale 0.1), which passes the RPN rule (2 > 1.6 px) but leaves the stem's
+    max-pool no cell; it raised "Output size is too small" and failed every image of the call (trial 1 item 4).
+    Now each such image is image_too_small, with or without given boxes; the others run."""
+    assert min_trunk_input_px(tiny.config) == 3
+    wide, tall = np.full((16, 4000, 3), 90, np.uint8), np.full((4000, 16, 3), 90, np.uint8)
+    out_wide, out_tall, normal = tiny.extract([wide, tall, synthetic_images()[0]])
+    assert out_wide.no_box_reason == (
+        ErrorReason.IMAGE_TOO_SMALL,
+        "image 4000x16 px resized to 400x2 (scale 0.1): the tiny trunk needs both sides >= 3 px",
+    )
+    assert out_tall.no_box_reason is not None and out_tall.no_box_reason[0] == ErrorReason.IMAGE_TOO_SMALL
+    assert normal.no_box_reason is None and normal.boxes_xyxy_px.shape[0] > 0
+    given = tiny.extract([wide], [np.array([[0, 0, 4000, 16]], np.float32)])[0]
+    assert given.no_box_reason is not None and given.no_box_reason[0] == ErrorReason.IMAGE_TOO_SMALL
+    # one px more on the short side (400x3) runs, with and without given boxes
+    wider = np.full((30, 4000, 3), 90, np.uint8)
+    assert tiny.extract([wider])[0].no_box_reason is None
+    assert tiny.extract([wider], [np.array([[0, 0, 4000, 30]], np.float32)])[0].features.shape[0] == 1
 
 
 @pytest.mark.parametrize("size", [96, 97, 111, 128, 150])
@@ -249,10 +276,17 @@ def test_too_small_image_becomes_an_image_too_small_error_row(tiny):
         )
         return ReadSample(decoded, TokenizedCaptions([[101, 1037, 102]], [False]))
 
-    items = (sample("ok", synthetic_images()[0]), sample("dot", np.full((1, 1, 3), 9, np.uint8)))
-    chunk = ShardChunk("s", 0, items, MemberCounts(4, {}))
+    wide = np.full((16, 4000, 3), 9, np.uint8)  # below the trunk's minimum once resized (trial 1 item 4)
+    items = (
+        sample("ok", synthetic_images()[0]),
+        sample("dot", np.full((1, 1, 3), 9, np.uint8)),
+        sample("w", wide),
+    )
+    chunk = ShardChunk("s", 0, items, MemberCounts(6, {}))
     result = RegionRowBuilder(tiny, box_source="detector", with_cls_prob=False).process(chunk)
     assert result.rows.column("key").to_pylist() == ["ok"]
-    [error] = result.errors
+    error, wide_error = result.errors
     assert (error.key, error.reason) == ("dot", "image_too_small")
     assert error.detail.startswith("image 1x1 px resized to 256x256 (scale 256)")
+    assert (wide_error.key, wide_error.reason) == ("w", "image_too_small")
+    assert wide_error.detail.endswith("the tiny trunk needs both sides >= 3 px")

@@ -179,3 +179,15 @@ def valid_feature_size(size_px: int, config: DetectorConfig) -> int:
     for _ in config.stage_blocks[1:]:
         n = (n - 1) // 2 + 1  # stride-2 1×1 (or 3×3 padded) conv
     return n
+
+
+def min_trunk_input_px(config: DetectorConfig) -> int:
+    """Smallest network-input side (px) from which the trunk computes at least one feature cell.
+
+    Derived from ``valid_feature_size`` (the stem's 7×7/2 conv then its 3×3/2 ceil-mode max-pool need 3 px:
+    from 2 px the conv gives 1 cell and the pool none, and PyTorch raises "Output size is too small").
+    """
+    size = 1
+    while valid_feature_size(size, config) < 1:
+        size += 1
+    return size

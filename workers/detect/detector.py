@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from schemas.reasons import ErrorReason
+from workers.detect.backbone import min_trunk_input_px
 from workers.detect.config import BoxSelectionConfig, DetectorConfig
 from workers.detect.network import RegionDetectorModel, RegionHeadOutput
 from workers.detect.preprocess import (
@@ -172,7 +173,7 @@ class RegionDetector:
         results: list[RegionOutput | None] = [None] * len(prepared)
         runnable = []
         for index, item in enumerate(prepared):
-            too_small = self._too_small(item) if item.given_boxes is None else None
+            too_small = self._too_small(item)
             if too_small is None:
                 runnable.append(index)
             else:
@@ -184,21 +185,32 @@ class RegionDetector:
         return results  # type: ignore[return-value]
 
     def _too_small(self, item: PreparedImage) -> str | None:
-        """Why no RPN proposal of this image can pass the min-size rule, or None.
+        """Why this image cannot be run, or None.
 
-        A proposal is clipped to the resized image, so its sides (``x2 - x1 + 1``) are at most the image's
-        resized sides, and it is kept only when both exceed ``rpn_min_size_px × scale`` (MILVLG
-        ``BUABoxes.nonempty``). When a resized side is not above that, the reference extractor finds no
-        proposal either (for ``butd-r101-c4``: any image with a side of 16 px or less, e.g. 1×1, 8×8, 4000×16).
+        Two rules, in this order:
+
+        - the trunk: a resized side below ``min_trunk_input_px(config)`` (3 px for every config: the stem's
+          conv and ceil-mode max-pool leave no feature cell) cannot be run at all, given boxes or not. An
+          extreme aspect ratio gets there (``tiny``: 4000×16 resizes to 400×2); PyTorch would raise "Output
+          size is too small" and fail every image of the call.
+        - the RPN, for images without given boxes: a proposal is clipped to the resized image, so its sides
+          (``x2 - x1 + 1``) are at most the image's resized sides, and it is kept only when both exceed
+          ``rpn_min_size_px × scale`` (MILVLG ``BUABoxes.nonempty``). When a resized side is not above that,
+          the reference extractor finds no proposal either (for ``butd-r101-c4``: any image with a side of
+          16 px or less, e.g. 1×1, 8×8, 4000×16).
         """
         net_h, net_w = int(item.tensor.shape[1]), int(item.tensor.shape[2])
-        limit = self.config.rpn_min_size_px * item.scale
-        if min(net_h, net_w) > limit:
-            return None
         height, width = item.original_size
+        resized = f"image {width}x{height} px resized to {net_w}x{net_h} (scale {item.scale:.6g})"
+        trunk_min = min_trunk_input_px(self.config)
+        if min(net_h, net_w) < trunk_min:
+            return f"{resized}: the {self.config.name} trunk needs both sides >= {trunk_min} px"
+        limit = self.config.rpn_min_size_px * item.scale
+        if item.given_boxes is not None or min(net_h, net_w) > limit:
+            return None
         return (
-            f"image {width}x{height} px resized to {net_w}x{net_h} (scale {item.scale:.6g}): an RPN proposal "
-            f"needs both sides > {self.config.rpn_min_size_px:g} px x scale = {limit:.6g} px, so none can exist"
+            f"{resized}: an RPN proposal needs both sides > {self.config.rpn_min_size_px:g} px x scale = "
+            f"{limit:.6g} px, so none can exist"
         )
 
     def _no_box(self, reason: ErrorReason, detail: str) -> RegionOutput:
