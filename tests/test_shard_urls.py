@@ -169,6 +169,46 @@ def test_http_shard_reads_and_missing_one_is_a_read_error(tmp_path: Path) -> Non
             list(ShardReader(f"{base}/gone.tar", ReaderConfig()))
 
 
+def test_http_shard_over_1_mib_streams_from_a_server_without_range_support(tmp_path: Path) -> None:
+    """``python -m http.server`` ignores Range: fsspec's ranged file refused any shard over its 1 MiB block
+    ("The HTTP server doesn't appear to support range requests", trial 1 item 5). One streamed GET reads it."""
+    write_tar(tmp_path / "big-000.tar", samples("b", 20, size=BIG_IMAGE_PX))
+    assert (tmp_path / "big-000.tar").stat().st_size > 2 << 20
+    with http_server(tmp_path) as base:
+        read = list(ShardReader(f"{base}/big-000.tar", ReaderConfig()))
+    assert [r.key for r in read] == [f"b{i:02d}" for i in range(20)]
+    assert not [r for r in read if isinstance(r, SampleError)]
+
+
+class _CutBodyHandler(_QuietHandler):
+    """HEAD says the full size; GET sends the first half of the file with a matching Content-Length."""
+
+    def do_GET(self) -> None:
+        body = Path(self.translate_path(self.path)).read_bytes()
+        half = body[: len(body) // 2]
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(half)))
+        self.end_headers()
+        self.wfile.write(half)
+
+
+def test_http_stream_shorter_than_its_head_size_is_a_short_read(tmp_path: Path) -> None:
+    write_tar(tmp_path / "h-000.tar", samples("h", 6, size=200))
+    handler = functools.partial(_CutBodyHandler, directory=str(tmp_path))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/h-000.tar"
+        assert shard_size(url) == (tmp_path / "h-000.tar").stat().st_size
+        with pytest.raises(ShardReadError, match="short read"), open_shard_stream(url) as stream:
+            stream.read()
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
 @pytest.mark.slow
 def test_extract_from_s3_with_a_space_a_short_read_and_https(
     s3: S3Server, tmp_path: Path, ray_session: object

@@ -9,8 +9,9 @@ Accepted shard URLs:
   ``s3://b/trip data/s.tar`` is the key ``trip data/s.tar`` and ``s3://b/trip%20data/s.tar`` the key with a
   literal ``%20``. (``pyarrow.fs.FileSystem.from_uri`` parses the whole URL as a URI: it refuses a space and
   decodes ``%20``.)
-- ``http://`` and ``https://`` through ``fsspec``'s aiohttp file system: ranged GETs of
-  ``STREAM_BUFFER_BYTES``, the size from the server's ``Content-Length`` when it sends one.
+- ``http://`` and ``https://`` through ``fsspec``'s aiohttp file system: one streamed GET per shard
+  (``block_size=0``: no Range requests, so a server without Range support such as ``python -m http.server``
+  serves shards of any size), the size from the server's ``Content-Length`` when it sends one.
 
 Refused before anything starts (``ShardURLError``, a ``ValueError``; ``check_shard_urls``):
 
@@ -240,6 +241,8 @@ def open_shard_stream(url: str) -> BinaryIO:
     try:
         if not location.scheme:
             raw: Any = open(location.path, "rb", buffering=0)  # closed by the caller
+        elif location.scheme in HTTP_SCHEMES:  # one streamed GET: no Range requests (module docstring)
+            raw = _remote_filesystem(location.scheme).open(location.path, "rb", block_size=0, size=size)
         else:
             filesystem = _remote_filesystem(location.scheme)
             raw = filesystem.open(location.path, "rb", block_size=STREAM_BUFFER_BYTES)
