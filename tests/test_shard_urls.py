@@ -11,6 +11,7 @@ import functools
 import io
 import json
 import os
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -167,6 +168,7 @@ def test_http_shard_reads_and_missing_one_is_a_read_error(tmp_path: Path) -> Non
         assert [r.key for r in read] == ["h00", "h01", "h02"]
         with pytest.raises(ShardReadError, match=f"{base}/gone.tar"):
             list(ShardReader(f"{base}/gone.tar", ReaderConfig()))
+        assert check_shard_urls([f"{base}/gone.tar"]) == [f"{base}/gone.tar"]  # a 404 fails the shard, later
 
 
 def test_http_shard_over_1_mib_streams_from_a_server_without_range_support(tmp_path: Path) -> None:
@@ -207,6 +209,23 @@ def test_http_stream_shorter_than_its_head_size_is_a_short_read(tmp_path: Path) 
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+def test_unreachable_http_server_is_refused_with_its_cause(tmp_path: Path) -> None:
+    """Nothing listens on the port: fsspec says only ``FileNotFoundError: URL``; the message now carries the
+    connection error, and check_shard_urls refuses the run before anything starts (trial 1 item 6)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # closed again: connections are refused
+    url = f"https://127.0.0.1:{port}/s-000.tar"
+    with pytest.raises(
+        ShardReadError, match=r"cannot stat shard .*: ConnectionRefusedError: .*Connect call failed"
+    ):
+        shard_size(url)
+    with pytest.raises(
+        ShardURLError, match=rf"cannot reach 127\.0\.0\.1:{port} for shard {url}: ConnectionRefusedError"
+    ):
+        check_shard_urls([url.replace("000", "{000..001}")])
 
 
 @pytest.mark.slow

@@ -19,7 +19,9 @@ Refused before anything starts (``ShardURLError``, a ``ValueError``; ``check_sha
   fetch the shards first (``aws s3 cp``, ``curl``) or give their ``s3://`` / ``https://`` URL.
 - any other scheme, or a malformed one (``s3:/b/k.tar``, ``s3:b/k.tar``, ``s4://``);
 - a local directory (give its files, e.g. ``'DIR/*.tar'``);
-- a pattern that matches nothing, or a pattern over http(s) (HTTP has no listing: use a brace range).
+- a pattern that matches nothing, or a pattern over http(s) (HTTP has no listing: use a brace range);
+- an http(s) server that cannot be reached at all (connection refused, unknown host): one HEAD per host,
+  the cause in the message. A shard the server answers 404 for is a failed shard of the run, as before.
 
 Patterns: brace ranges (``s-{000..099}.tar``, any scheme) always expand; shell-style ``*``, ``?`` and
 ``[...]`` (quoted, so the shell did not expand them) expand for local paths (``glob``) and object storage
@@ -138,7 +140,46 @@ def check_shard_urls(urls: list[str]) -> list[str]:
     for url in checked:
         if os.path.isdir(url):
             raise ShardURLError(f"shard {url!r} is a directory; give its shard files, e.g. '{url}/*.tar'")
+    _refuse_unreachable_http_hosts(checked)
     return _unique_shard_ids(checked)
+
+
+def _refuse_unreachable_http_hosts(urls: list[str]) -> None:
+    """One HEAD (``shard_size``) of the first shard of each http(s) host; raise ``ShardURLError`` when the
+    host cannot be reached at all (connection refused, unknown host, TLS failure). Any other answer (a 404, a
+    missing size) is left to the shard's read."""
+    first_by_host: dict[str, str] = {}
+    for url in urls:
+        location = parse_shard_url(url)
+        if location.scheme in HTTP_SCHEMES:
+            first_by_host.setdefault(url.split("/", 3)[2], url)
+    for host, url in first_by_host.items():
+        try:
+            shard_size(url)
+        except ShardReadError as exc:
+            if _connection_error(exc) is not None:
+                raise ShardURLError(f"cannot reach {host} for shard {url}: {_cause_text(exc)}") from exc
+
+
+def _connection_error(exc: BaseException) -> BaseException | None:
+    """The exception in ``exc``'s cause chain that says the server could not be reached, or None."""
+    import aiohttp
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, aiohttp.ClientConnectorError | ConnectionError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _cause_text(exc: BaseException) -> str:
+    """``Type: message`` of the innermost exception of ``exc``'s cause chain: fsspec's HTTP ``info`` turns
+    every failure (connection refused, 404, TLS) into ``FileNotFoundError(url)``; the real cause is below it."""
+    inner = exc
+    while (inner.__cause__ or inner.__context__) is not None:
+        inner = inner.__cause__ or inner.__context__  # type: ignore[assignment]
+    return f"{type(inner).__name__}: {inner}"
 
 
 def _braces(urls: list[str]) -> list[str]:
@@ -222,7 +263,7 @@ def shard_size(url: str) -> int | None:
             return os.stat(location.path).st_size
         info = _remote_filesystem(location.scheme).info(location.path)
     except (OSError, ValueError) as exc:
-        raise ShardReadError(f"cannot stat shard {url}: {type(exc).__name__}: {exc}") from exc
+        raise ShardReadError(f"cannot stat shard {url}: {_cause_text(exc)}") from exc
     if info.get("type") not in (None, "file"):
         raise ShardReadError(f"shard {url} is not a file (a {info.get('type')})")
     size = info.get("size")
@@ -247,7 +288,7 @@ def open_shard_stream(url: str) -> BinaryIO:
             filesystem = _remote_filesystem(location.scheme)
             raw = filesystem.open(location.path, "rb", block_size=STREAM_BUFFER_BYTES)
     except (OSError, ValueError) as exc:
-        raise ShardReadError(f"cannot open shard {url}: {exc}") from exc
+        raise ShardReadError(f"cannot open shard {url}: {_cause_text(exc)}") from exc
     return _SizedStream(raw, url, size)  # type: ignore[return-value]  # a RawIOBase: read(), close()
 
 
