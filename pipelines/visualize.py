@@ -9,7 +9,9 @@ among ``--images`` (brace ranges allowed) or, without it, at the source its done
 the rows were extracted from, whichever run committed the shard); markers written before sources were
 recorded fall back to the shard URLs the store's last extraction run recorded in its manifest. The image is
 read with the extractor's reader (``ShardReader`` restricted to the key: the same grouping, gzip handling,
-decode and EXIF orientation), so the picture is the one the boxes were computed on. ``--out`` must end in ``.png``; its folder is created when missing (as
+decode and EXIF orientation), so the picture is the one the boxes were computed on. A store extracted by a
+random-init detector (``manifest["weights"]["random_init"]``) gets a dark red band under the picture saying
+so. ``--out`` must end in ``.png``; its folder is created when missing (as
 ``regionflow export`` does); an existing file is refused unless ``--overwrite``. Exit codes: 0 written; 2 the
 key, shard or image cannot be found, the key repeats across shards and ``--shard`` is missing, or ``--out``
 is refused.
@@ -30,7 +32,7 @@ import pyarrow.compute as pc
 from pipelines.cli import ExitCode, fail
 from schemas.reasons import SampleRejected
 from schemas.store import StoreSchemaError
-from workers.corpus.drawing import DrawingConfig, RegionLabel, class_name, draw_regions
+from workers.corpus.drawing import DrawingConfig, RegionLabel, class_name, draw_regions, mark_random_init
 from workers.read.reader import ReaderConfig, SampleError, ShardReader
 from workers.read.urls import ShardReadError, check_shard_urls, shard_id_of
 from workers.store import StoreReader
@@ -207,7 +209,10 @@ def render(args: argparse.Namespace) -> np.ndarray:
             f"{row.width_px}x{row.height_px}: not the shard this store was extracted from"
         )
     config = DrawingConfig(scale=args.scale, max_boxes=args.max_boxes)
-    return draw_regions(image, row.boxes_xyxy_px, _labels(row, store.manifest), config)
+    picture = draw_regions(image, row.boxes_xyxy_px, _labels(row, store.manifest), config)
+    if (store.manifest.get("weights") or {}).get("random_init"):  # boxes of an untrained detector: say so
+        picture = mark_random_init(picture, config.font_scale)
+    return picture
 
 
 def check_out_path(out: str, overwrite: bool) -> None:

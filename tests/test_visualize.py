@@ -10,7 +10,15 @@ import pytest
 from tiny_store import write_test_store
 
 from pipelines.cli import main as cli_main
-from workers.corpus.drawing import DrawingConfig, RegionLabel, class_colour, class_name, draw_regions
+from workers.corpus.drawing import (
+    RANDOM_INIT_BAND_RGB,
+    DrawingConfig,
+    RegionLabel,
+    class_colour,
+    class_name,
+    draw_regions,
+    mark_random_init,
+)
 from workers.corpus.tar_writer import write_tar
 from workers.store import StoreLocation, read_manifest, write_manifest
 
@@ -68,11 +76,23 @@ def _visualize(*argv: str) -> int:
     return cli_main(["visualize", *argv])
 
 
+def _image_part(picture: np.ndarray, height: int) -> np.ndarray:
+    """The drawn image of a picture from a random-init store (every store here but one): the rows under it
+    are the dark red band that says so (trial 1 item 14)."""
+    assert picture.shape[0] > height, picture.shape
+    band = picture[height:]
+    assert (band == RANDOM_INIT_BAND_RGB[::-1]).all(
+        axis=2
+    ).mean() > 0.6  # BGR read back; text covers the rest
+    assert (band > 200).all(axis=2).any()  # white text
+    return picture[:height]
+
+
 def test_png_has_the_image_size_and_box_coloured_outline(store: Path, tmp_path: Path) -> None:
     shard = _shard(tmp_path / "s-000.tar", "k1", 120)
     out = tmp_path / "k1.png"
     assert _visualize(str(store), "k1", "--out", str(out), "--images", str(shard)) == 0
-    picture = cv2.imread(str(out))
+    picture = _image_part(cv2.imread(str(out)), HEIGHT)
     assert picture.shape == (HEIGHT, WIDTH, 3)
     expected_bgr = list(class_colour(CLASS_ID))[::-1]
     x1, y1, x2, y2 = (int(v) for v in BOX)
@@ -81,11 +101,37 @@ def test_png_has_the_image_size_and_box_coloured_outline(store: Path, tmp_path: 
     assert (picture[y2 - 10 : y2 - 3, x1 + 3 : x1 + 15] == 120).all()  # the image itself, inside the box
 
 
+def test_only_a_random_init_store_gets_the_band(store: Path, tmp_path: Path) -> None:
+    """Trial 1 item 14: labels such as "keypad 1.6e-03" from an untrained detector looked like results."""
+    shard = _shard(tmp_path / "s-000.tar", "k1", 120)
+    location = StoreLocation.parse(str(store))
+    manifest = read_manifest(location)
+    assert manifest["weights"]["random_init"] is True
+    marked, trained = tmp_path / "marked.png", tmp_path / "trained.png"
+    assert _visualize(str(store), "k1", "--out", str(marked), "--images", str(shard)) == 0
+    manifest["weights"] = {"digest": "sha256:trained", "random_init": False}
+    write_manifest(location, manifest)
+    assert _visualize(str(store), "k1", "--out", str(trained), "--images", str(shard)) == 0
+    picture = cv2.imread(str(trained))
+    assert picture.shape == (HEIGHT, WIDTH, 3)
+    assert (_image_part(cv2.imread(str(marked)), HEIGHT) == picture).all()
+
+
+@pytest.mark.parametrize("width", [12, 100, 1000])
+def test_random_init_band_fits_any_width(width: int) -> None:
+    picture = np.full((30, width, 3), 7, np.uint8)
+    marked = mark_random_init(picture)
+    assert marked.shape[1] == width and (marked[:30] == 7).all()
+    band = marked[30:]
+    assert 8 <= band.shape[0] <= 20
+    assert (band == RANDOM_INIT_BAND_RGB).all(axis=2).any() and (band > 200).all(axis=2).any()
+
+
 def test_scale_resizes_and_boxes_follow(store: Path, tmp_path: Path) -> None:
     shard = _shard(tmp_path / "s-000.tar", "k1", 120)
     out = tmp_path / "k1x2.png"
     assert _visualize(str(store), "k1", "--out", str(out), "--images", str(shard), "--scale", "2") == 0
-    picture = cv2.imread(str(out))
+    picture = _image_part(cv2.imread(str(out)), 2 * HEIGHT)
     assert picture.shape == (2 * HEIGHT, 2 * WIDTH, 3)
     assert (picture[2 * int(BOX[3]) - 1, 30:100] == list(class_colour(CLASS_ID))[::-1]).all()
 
@@ -124,7 +170,7 @@ def test_image_urls_come_from_the_manifest_or_a_clear_error(
     manifest["runs"].append({"command": "extract", "args": {"shard_urls": [str(shard)]}})
     write_manifest(location, manifest)
     assert _visualize(str(store), "k1", "--out", str(out)) == 0
-    assert cv2.imread(str(out)).shape == (HEIGHT, WIDTH, 3)
+    assert _image_part(cv2.imread(str(out)), HEIGHT).shape == (HEIGHT, WIDTH, 3)
 
 
 def test_wrong_images_are_refused(store: Path, tmp_path: Path) -> None:
@@ -182,7 +228,7 @@ def test_store_of_two_extract_runs_finds_each_shard_from_its_marker(
     for key, grey in (("ka", 40), ("kb", 200)):
         out = tmp_path / f"{key}.png"
         assert _visualize(str(store), key, "--out", str(out)) == 0, capsys.readouterr().err
-        picture = cv2.imread(str(out))
+        picture = _image_part(cv2.imread(str(out)), HEIGHT)
         assert picture.shape == (HEIGHT, WIDTH, 3) and int(np.median(picture)) == grey
     shards["a"].rename(tmp_path / "moved.tar")
     assert _visualize(str(store), "ka", "--out", str(tmp_path / "x.png")) == 1

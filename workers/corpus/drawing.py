@@ -128,3 +128,46 @@ def _draw_one(canvas: np.ndarray, box: np.ndarray, label: RegionLabel, config: D
     text_colour = (0, 0, 0) if sum(colour) > 3 * 128 else (255, 255, 255)
     origin = (left + LABEL_PADDING_PX, top + LABEL_PADDING_PX + th)
     cv2.putText(canvas, label.text, origin, FONT, config.font_scale, text_colour, 1, lineType=cv2.LINE_AA)
+
+
+RANDOM_INIT_TEXTS = (  # the longest that fits the picture's width is written
+    "RANDOM-INIT DETECTOR: boxes and labels carry no meaning",
+    "RANDOM-INIT DETECTOR: no meaning",
+    "RANDOM-INIT DETECTOR",
+    "RANDOM INIT",
+)
+RANDOM_INIT_BAND_BGR = (0, 0, 200)  # dark red in OpenCV's BGR order; the picture is RGB, see mark_random_init
+RANDOM_INIT_BAND_RGB = RANDOM_INIT_BAND_BGR[::-1]
+MIN_BAND_FONT_SCALE = 0.25
+
+
+def mark_random_init(picture_rgb: np.ndarray, font_scale: float = 0.4) -> np.ndarray:
+    """``picture_rgb`` with a dark red band added under it saying the detector was a random init.
+
+    The band is added below the picture (no pixel of the picture is covered), as tall as one line of text
+    plus padding; the text is the longest of ``RANDOM_INIT_TEXTS`` that fits the width at ``font_scale``, the
+    shortest one shrunk to fit otherwise (down to ``MIN_BAND_FONT_SCALE``: a picture a few pixels wide still
+    gets a band of about 10 px, its text cut).
+
+    Args:
+        picture_rgb: uint8 ``[H, W, 3]`` RGB (``draw_regions``' output).
+        font_scale: OpenCV Hershey font scale (``DrawingConfig.font_scale``).
+
+    Returns:
+        uint8 ``[H + band, W, 3]`` RGB.
+    """
+    width = picture_rgb.shape[1]
+    usable = max(1, width - 2 * LABEL_PADDING_PX)
+    text = next(
+        (t for t in RANDOM_INIT_TEXTS if cv2.getTextSize(t, FONT, font_scale, 1)[0][0] <= usable),
+        RANDOM_INIT_TEXTS[-1],
+    )
+    text_w = cv2.getTextSize(text, FONT, font_scale, 1)[0][0]
+    if text_w > usable:  # shrunk to fit, but never below MIN_BAND_FONT_SCALE (then clipped at the right)
+        font_scale = max(MIN_BAND_FONT_SCALE, font_scale * usable / text_w)
+    (_, text_h), baseline = cv2.getTextSize(text, FONT, font_scale, 1)
+    band = np.empty((text_h + baseline + 2 * LABEL_PADDING_PX, width, 3), np.uint8)
+    band[:] = RANDOM_INIT_BAND_RGB
+    origin = (LABEL_PADDING_PX, LABEL_PADDING_PX + text_h)
+    cv2.putText(band, text, origin, FONT, font_scale, (255, 255, 255), 1, lineType=cv2.LINE_AA)
+    return np.concatenate([picture_rgb, band], axis=0)
