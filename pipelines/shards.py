@@ -17,7 +17,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--images", required=True, metavar="DIR", help="folder of jpg/jpeg/png/webp/bmp images"
     )
-    parser.add_argument("--captions", metavar="COCO_JSON", help="COCO captions file (captions_*.json)")
+    parser.add_argument(
+        "--captions",
+        metavar="COCO_JSON",
+        help="COCO captions file (captions_*.json); it may name more images than DIR holds (a subset is fine: "
+        "the absent ones are counted), images without an entry get no captions",
+    )
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder for the tar shards")
     parser.add_argument("--samples-per-shard", required=True, type=int, metavar="N", help="samples per tar")
     parser.add_argument("--prefix", default="shard", metavar="NAME", help="shard names NAME-000000.tar")

@@ -136,6 +136,39 @@ def test_bad_input_exits_1_and_writes_nothing(tmp_path, capsys):
         assert not out.exists()
 
 
+def test_a_subset_of_a_coco_captions_file_is_sharded_and_the_absent_images_counted(tmp_path, capsys, caplog):
+    """Trial 1 item 17: 12 of COCO's images with the full captions file were refused ("names 68 images absent").
+    The images present are sharded with their captions; one present without captions keeps ``[]``."""
+    images = tmp_path / "img"
+    images.mkdir()
+    for name in ("000000000001.jpg", "000000000003.jpg", "loose.jpg"):
+        (images / name).write_bytes(make_jpeg(4, 4))
+    coco = {
+        "images": [{"id": i, "file_name": f"{i:012d}.jpg", "width": 4, "height": 4} for i in (1, 2, 3, 4)],
+        "annotations": [{"id": 10 + i, "image_id": i, "caption": f"cap {i}"} for i in (1, 2, 3, 4)],
+    }
+    (tmp_path / "c.json").write_text(json.dumps(coco))
+    args = ["--images", str(images), "--captions", str(tmp_path / "c.json"), "--samples-per-shard", "5"]
+    with caplog.at_level("INFO"):
+        assert shards_cli(*args, "--out", str(tmp_path / "o")) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["samples"], summary["samples_with_captions"], summary["captioned_images_absent"]) == (
+        3,
+        2,
+        2,
+    )
+    assert (
+        "2 captioned images are absent from" in caplog.text and "sharding the 3 images present" in caplog.text
+    )
+    shard = str(tmp_path / "o" / "shard-000000.tar")
+    read = {r.key: r for r in ShardReader(shard, ReaderConfig(captions="optional"))}
+    assert {k: list(r.captions) for k, r in read.items()} == {
+        "000000000001": ["cap 1"],
+        "000000000003": ["cap 3"],
+        "loose": [],
+    }
+
+
 def test_existing_shards_need_overwrite(tmp_path, capsys):
     images = tmp_path / "img"
     images.mkdir()

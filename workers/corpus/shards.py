@@ -12,6 +12,10 @@ keys would collide (``a.b.jpg`` and ``a_b.png``) are refused, naming both.
   file name, else null; ``width``/``height`` as displayed (EXIF orientation applied) read from the header,
   null when the header is unreadable (the sample is still written: ``extract`` reports it as an error row).
 
+The captions file may name more images than the folder holds (a subset of COCO): the images present are
+sharded, and the count of captioned images absent is logged and in the summary (``captioned_images_absent``).
+A captions file that names none of the folder's images is refused (the wrong file).
+
 Samples are sorted by key (plain string order) and cut into shards of ``samples_per_shard``, named
 ``PREFIX-000000.tar``; tar headers are fixed (``workers.corpus.tar_writer``), so the output is byte-for-byte
 deterministic. All inputs are checked before anything is written.
@@ -80,6 +84,7 @@ class ShardsSummary:
     samples: int
     samples_with_captions: int
     unreadable_headers: list[str]
+    captioned_images_absent: int = 0  # images of --captions not in the folder (not sharded)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -189,19 +194,16 @@ def write_shards(config: ShardsConfig) -> ShardsSummary:
 
     Raises:
         ShardsInputError: missing folder, ``samples_per_shard < 1``, bad prefix, unreadable captions file,
-            captions naming images absent from the folder, two images with one key, no images, or
+            captions naming none of the folder's images, two images with one key, no images, or
             existing shards in ``out_dir`` without ``overwrite``.
     """
     images_dir, out_dir = _check_config(config)
     images = list_images(images_dir)
     coco: dict[str, CocoImage] = {}
+    absent = 0
     if config.captions_json is not None:
         coco = load_coco_captions(Path(config.captions_json))
-        absent = sorted(set(coco) - {path.stem for path in images.values()})
-        if absent:
-            raise ShardsInputError(
-                f"--captions names {len(absent)} images absent from {images_dir}, e.g. {absent[:3]}"
-            )
+        absent = _captioned_images_absent(coco, images, images_dir)
     existing = _existing_shards(out_dir, config.prefix)
     if existing and not config.overwrite:
         raise ShardsInputError(f"{out_dir} already holds {len(existing)} {config.prefix}-*.tar shards")
@@ -217,7 +219,32 @@ def write_shards(config: ShardsConfig) -> ShardsSummary:
         write_tar(out_dir / name, _shard_members(keys[start : start + step], images, coco, unreadable))
         shards.append(name)
     with_captions = sum(1 for path in images.values() if path.stem in coco and coco[path.stem].captions)
-    return ShardsSummary(shards, len(keys), with_captions, unreadable)
+    return ShardsSummary(shards, len(keys), with_captions, unreadable, absent)
+
+
+def _captioned_images_absent(coco: dict[str, CocoImage], images: dict[str, Path], images_dir: Path) -> int:
+    """How many images of the captions file are not in the folder (a subset of COCO is sharded: said in a log
+    line, not an error).
+
+    Raises:
+        ShardsInputError: the folder has images but the captions file names none of them (the wrong file).
+    """
+    stems = {path.stem for path in images.values()}
+    absent = sorted(set(coco) - stems)
+    if images and absent and len(absent) == len(coco):
+        raise ShardsInputError(
+            f"--captions names none of the {len(images)} images in {images_dir} (all its {len(coco)} images "
+            f"are absent, e.g. {absent[:3]}): is it the captions file of this folder?"
+        )
+    if absent:
+        log.info(
+            "--captions: %d captioned images are absent from %s (e.g. %s): sharding the %d images present",
+            len(absent),
+            images_dir,
+            ", ".join(absent[:3]),
+            len(images),
+        )
+    return len(absent)
 
 
 def _shard_members(
