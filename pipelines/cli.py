@@ -71,7 +71,9 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help or ""
-        if action.default in (None, False, "", argparse.SUPPRESS) or "default" in text.lower():
+        default = action.default  # identity, not ==: 0 and 0.0 == False, and they are defaults to show
+        nothing = default is None or default is False or default == "" or default is argparse.SUPPRESS
+        if nothing or "default" in text.lower():
             return text
         return super()._get_help_string(action)
 

@@ -88,6 +88,36 @@ def test_help_shows_defaults_once(capsys) -> None:
     assert "corpus seed (default 0)" in out and "(default 0) (default: 0)" not in out  # stated once
 
 
+@pytest.mark.parametrize("name", list(cli.COMMANDS))
+def test_every_flag_with_a_value_shows_its_default(name: str, capsys) -> None:
+    """Trial 1 item 18: defaults of 0 were hidden (``0 in (None, False)`` is true), e.g. ``train --warmup-steps``,
+    ``--seed``, ``--max-steps``. A flag whose default is None, False or "" has no value to show."""
+    import argparse
+
+    parser = cli.build_parser(name)
+    [commands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    sub = commands.choices[name]
+    formatter = sub._get_formatter()
+    for action in sub._actions:
+        default = action.default
+        if not action.option_strings or action.help == argparse.SUPPRESS or action.required:
+            continue
+        if default is None or default is False or default == "" or default is argparse.SUPPRESS:
+            continue
+        text = formatter._get_help_string(action) or ""
+        assert "default" in text.lower(), (name, action.option_strings, default, text)
+    with pytest.raises(SystemExit):
+        cli.main([name, "--help"])
+    if name == "train":
+        out = " ".join(capsys.readouterr().out.split())
+        for shown in (
+            "then linear decay to 0 (default: 0)",
+            "masking (default: 0)",
+            "--epochs) (default: 0)",
+        ):
+            assert shown in out
+
+
 def test_version(capsys) -> None:
     with pytest.raises(SystemExit) as exc:
         cli.main(["--version"])
