@@ -127,6 +127,7 @@ def load_text_bert(config: ModelConfig) -> BertModel:
 
     ``text_init="pretrained"`` loads the weights (local files only); ``"random"`` initialises a BERT of the
     checkpoint's vocabulary with the ``text_*`` size overrides. BERT's dropouts are set to ``config.dropout``.
+    Turns transformers' progress bars off for the process (its "Loading weights" bar, once per rank).
     Raises ``FileNotFoundError`` for a missing checkpoint, ``ValueError`` when it has too few layers.
     """
     directory = resolve_text_checkpoint(config.text_checkpoint)
@@ -138,6 +139,10 @@ def load_text_bert(config: ModelConfig) -> BertModel:
     dropouts = dict(hidden_dropout_prob=config.dropout, attention_probs_dropout_prob=config.dropout)
     if config.text_init == "pretrained":
         # Load every layer (so no checkpoint key is left over), then keep the first ones and drop the pooler.
+        # No "Loading weights: 100%" bar: a local file in well under a second, printed once per training rank.
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
         bert = BertModel.from_pretrained(
             directory,
             local_files_only=True,

@@ -13,7 +13,7 @@ from model.batch import Batch
 from model.config import ModelConfig
 from model.losses import IGNORE_INDEX
 from model.tasks import TASKS, TaskModel, mask_regions, mask_tokens, sample_negatives
-from model.vilbert import TwoStreamModel, region_locations
+from model.vilbert import TwoStreamModel, load_text_bert, region_locations
 
 FEATURE_DIM = 16
 CLS, SEP = 101, 102
@@ -269,6 +269,27 @@ def test_missing_targets_raise(tiny_config):
         model.losses(batch.replace(caption_ids=None, caption_mask=None), "caption", torch.Generator())
     with pytest.raises(ValueError, match="unknown task"):
         model.losses(batch, "detect", torch.Generator())
+
+
+def test_loading_the_pretrained_text_stream_prints_no_progress_bar(capfd):
+    """Trial 1 item 16: every training rank printed a ``Loading weights: 100%|...|`` bar into the log."""
+    from schemas.text_checkpoint import packaged_checkpoint_dir
+
+    try:
+        packaged_checkpoint_dir()
+    except FileNotFoundError as error:
+        pytest.skip(f"packaged checkpoint unavailable: {error}")
+    config = ModelConfig.tiny(
+        feature_dim=FEATURE_DIM,
+        text_init="pretrained",
+        num_text_layers=2,
+        co_layers_after=(1,),
+        visual_layers=0,
+    )
+    capfd.readouterr()
+    load_text_bert(config)
+    captured = capfd.readouterr()
+    assert "Loading weights" not in captured.err + captured.out
 
 
 def test_packaged_checkpoint_text_stream_equals_bert():
