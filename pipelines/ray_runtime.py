@@ -18,6 +18,13 @@ noise that is ours to silence silenced at its cause (issue 14 item 9; README *Ra
   Train's ``PreemptionWatcher`` (node drains of a cluster, meaningless on one machine) is not started:
   ``RAY_TRAIN_ENABLE_PREEMPTION_WATCHER=0`` unless the caller set it. On a cluster (``--address``) both work
   as Ray designed them.
+- Colour: Ray wraps each worker line's ``(DetectorActor pid=…)`` prefix in ANSI colour codes. When stderr is
+  not a terminal (a log file, a pipe) ``RAY_COLOR_PREFIX=0`` is set for this process (unless the caller set
+  it), which Ray's driver-side log printer (``ray._private.worker.print_worker_logs``, Ray 2.60) reads on
+  every line: plain ``(pid=…)`` prefixes.
+- Ray Train's per-report worker lines, ``Reporting training result N: …`` (every checkpoint, every rank) and
+  ``Checkpoint successfully created at: …``: their loggers are set to WARNING in our workers
+  (``quiet_ray_train_reports``; the run prints its own checkpoint line at the end).
 
 Only ``pipelines/`` imports Ray (STYLE §1).
 """
@@ -26,6 +33,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +47,13 @@ PREEMPTION_WATCHER_ENV = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"
 TOKEN_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
 TOKEN_AUTH_NOTICE = "Token authentication is enabled for this Ray cluster"
 PLACEMENT_GROUP_CLEANER_LOGGER = "ray.train.v2._internal.execution.controller.placement_group_cleaner"
+COLOR_PREFIX_ENV = "RAY_COLOR_PREFIX"  # "0": no ANSI colour around worker-line prefixes (Ray 2.60)
+# Ray Train's per-report INFO lines: the context module logs under its *file path* (getLogger(__file__)).
+RAY_TRAIN_REPORT_LOGGERS = (
+    str(Path(ray.__file__).parent / "train" / "v2" / "_internal" / "execution" / "context.py"),
+    "ray.train.v2._internal.execution.storage",  # "Checkpoint successfully created at: ..."
+    "ray.train._internal.storage",
+)
 
 
 class _DropTokenAuthNotice(logging.Filter):
@@ -53,8 +68,20 @@ _TOKEN_AUTH_FILTER = _DropTokenAuthNotice()
 
 def worker_setup() -> None:
     """``worker_process_setup_hook`` of a job joined with ``--address``: Ray's own address lookups in our
-    worker processes find this cluster, not "the latest" or several."""
+    worker processes find this cluster, not "the latest" or several; Ray Train's per-report lines are off."""
     os.environ[ADDRESS_ENV] = ray.get_runtime_context().gcs_address
+    quiet_ray_train_reports()
+
+
+def quiet_ray_train_reports() -> None:
+    """Ray Train's per-report INFO lines off in this process (``RAY_TRAIN_REPORT_LOGGERS`` to WARNING).
+
+    Called by the worker setup hook and again at the start of each training rank's loop: Ray Train configures
+    the ``ray.train`` logger when a rank starts (``logging.config.dictConfig``), which resets the level of
+    every ``ray.train.*`` logger that existed before.
+    """
+    for name in RAY_TRAIN_REPORT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def local_worker_setup() -> None:
@@ -62,6 +89,14 @@ def local_worker_setup() -> None:
     State API warnings silenced (a local run has no dashboard, so that API cannot answer)."""
     worker_setup()
     logging.getLogger(PLACEMENT_GROUP_CLEANER_LOGGER).setLevel(logging.ERROR)
+
+
+def plain_prefix_unless_terminal(stream: Any) -> None:
+    """Set ``RAY_COLOR_PREFIX=0`` (unless already set) when ``stream`` is not a terminal: Ray's driver then
+    prints worker-line prefixes without ANSI colour codes."""
+    isatty = getattr(stream, "isatty", None)
+    if not (callable(isatty) and isatty()):
+        os.environ.setdefault(COLOR_PREFIX_ENV, "0")
 
 
 def start_ray(
@@ -86,6 +121,7 @@ def start_ray(
         test session's runtime, or a caller's own ``ray.init``), which is then used as it is.
     """
     logging.getLogger(TOKEN_AUTH_LOGGER).addFilter(_TOKEN_AUTH_FILTER)
+    plain_prefix_unless_terminal(sys.stderr)
     if ray.is_initialized():
         return False
     address = address or os.environ.get(ADDRESS_ENV) or None

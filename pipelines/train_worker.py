@@ -32,8 +32,10 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     from model.data import StoreImages
     from model.items import training_sources
+    from pipelines.ray_runtime import quiet_ray_train_reports
     from workers.store import StoreReader
 
+    quiet_ray_train_reports()  # after Ray Train configured this rank's loggers
     config = TrainConfig.from_dict(loop_config["train"])
     model_config = ModelConfig.from_dict(loop_config["model_config"])
     run_info = loop_config["run"]

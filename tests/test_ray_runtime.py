@@ -3,6 +3,7 @@ silence (issue 14 item 9), checked against a real Ray runtime and a real ``regio
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import subprocess
@@ -12,7 +13,15 @@ from pathlib import Path
 import pytest
 from tiny_store import random_rows, write_store
 
-from pipelines.ray_runtime import ADDRESS_ENV, TOKEN_AUTH_LOGGER, TOKEN_AUTH_NOTICE, start_ray
+from pipelines.ray_runtime import (
+    ADDRESS_ENV,
+    COLOR_PREFIX_ENV,
+    RAY_TRAIN_REPORT_LOGGERS,
+    TOKEN_AUTH_LOGGER,
+    TOKEN_AUTH_NOTICE,
+    plain_prefix_unless_terminal,
+    start_ray,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 # What Ray printed on every train run before (issue 14 item 9), with another Ray alive on the machine.
@@ -21,6 +30,10 @@ NOISE = (
     "Found multiple active Ray instances",
     "PlacementGroupCleaner",
     "PreemptionWatcher",
+    # trial 1 item 16: colour codes in a redirected log, Ray Train's per-report lines
+    "\x1b[",
+    "Reporting training result",
+    "Checkpoint successfully created",
 )
 
 
@@ -35,6 +48,36 @@ def test_workers_know_their_own_cluster(ray_session) -> None:
     expected = ray.get_runtime_context().gcs_address
     with_env = address.options(runtime_env={"env_vars": {"REGIONFLOW_TEST": "1"}})
     assert ray.get([address.remote(), with_env.remote()]) == [expected, expected]
+
+
+def test_colour_prefix_off_unless_stderr_is_a_terminal(monkeypatch) -> None:
+    """Ray's driver reads RAY_COLOR_PREFIX on every worker line it prints (ray._private.worker, Ray 2.60)."""
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.delenv(COLOR_PREFIX_ENV, raising=False)
+    plain_prefix_unless_terminal(Terminal())
+    assert COLOR_PREFIX_ENV not in os.environ
+    plain_prefix_unless_terminal(io.StringIO())
+    assert os.environ[COLOR_PREFIX_ENV] == "0"
+    monkeypatch.setenv(COLOR_PREFIX_ENV, "1")  # the user's choice is kept
+    plain_prefix_unless_terminal(io.StringIO())
+    assert os.environ[COLOR_PREFIX_ENV] == "1"
+
+
+def test_ray_train_report_loggers_are_quiet_in_our_workers(ray_session) -> None:
+    ray = ray_session
+    import ray.train.v2._internal.execution.context as train_context  # the logger named by its file
+
+    assert train_context.logger.name in RAY_TRAIN_REPORT_LOGGERS
+
+    @ray.remote(num_cpus=0.01)
+    def levels() -> list[int]:
+        return [logging.getLogger(name).level for name in RAY_TRAIN_REPORT_LOGGERS]
+
+    assert ray.get(levels.remote()) == [logging.WARNING] * len(RAY_TRAIN_REPORT_LOGGERS)
 
 
 def test_an_initialized_runtime_is_used_as_it_is(ray_session) -> None:
