@@ -65,7 +65,7 @@ def load_released_model(
         released_config,
     )
     from model.tasks import TaskModel
-    from pipelines.evaluate import EvalInputError
+    from pipelines.evaluate_tasks import EvalInputError
     from schemas.manifest import manifest_digest
 
     try:
