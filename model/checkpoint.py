@@ -1,4 +1,4 @@
-"""Training checkpoints and final model files, loadable with ``torch.load(weights_only=True)`` (DESIGN §9).
+"""Training checkpoints and final model files, loadable with ``torch.load(weights_only=True)`` (docs/design.md §9).
 
 A checkpoint holds only tensors and builtins: the model config as a plain dict (``ModelConfig.to_dict``),
 model / optimizer / scheduler state dicts, the optimizer step, the data position of every task, and the RNG

@@ -2,7 +2,7 @@
 
 Every stage runs as a subprocess of the ``regionflow`` console script, exactly as a user would type it:
 
-1. ``synth``: the procedural corpus (DESIGN §8): shards + VQA v2 files;
+1. ``synth``: the procedural corpus (docs/design.md §8): shards + VQA v2 files;
 2. ``extract --config tiny --boxes given``: region features of the true boxes (random-init detector: no weights
    can be downloaded, so the corpus is built to be learnable through one, see ``workers/corpus/synth.py``);
 3. ``train``: one Ray Train run, 2 workers on CPU, all tasks at once (pretrain, retrieval, VQA, caption), with

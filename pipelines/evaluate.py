@@ -1,4 +1,4 @@
-"""``regionflow evaluate RUN STORE``: held-out metrics of a trained run, written as a report (DESIGN §7).
+"""``regionflow evaluate RUN STORE``: held-out metrics of a trained run, written as a report (docs/design.md §7).
 
 Evaluation runs in the driver process (no Ray workers): every held-out row is scored exactly once, whatever the
 number of training workers. The held-out split is the run's (``run.json``: holdout fraction and hash rule).
@@ -52,7 +52,7 @@ DEFAULT_EVAL_BATCH = 64
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``regionflow evaluate`` (DESIGN §9)."""
+    """Arguments of ``regionflow evaluate`` (docs/design.md §9)."""
     parser.add_argument(
         "run_dir",
         metavar="RUN",

@@ -1,4 +1,4 @@
-"""``regionflow extract``: WebDataset shards → region-feature store, orchestrated with Ray (DESIGN §4, §5).
+"""``regionflow extract``: WebDataset shards → region-feature store, orchestrated with Ray (docs/design.md §4, §5).
 
 This module turns the flags into a validated ``ExtractConfig`` and calls the run. The rest, by what it owns:
 ``pipelines.extract_config`` (config, summary, refusals; no Ray), ``pipelines.extract_run`` (the run: checks
@@ -142,7 +142,7 @@ def _max_tokens(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of ``regionflow extract`` (DESIGN §9 *CLI*)."""
+    """Flags of ``regionflow extract`` (docs/design.md §9 *CLI*)."""
     from workers.detect.config import BOX_MODES, detector_config_names
     from workers.read.reader import CAPTION_MODES
 

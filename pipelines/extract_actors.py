@@ -1,4 +1,4 @@
-"""The Ray shells of ``regionflow extract`` (DESIGN §5): the detector actor and its pool, the per-shard read
+"""The Ray shells of ``regionflow extract`` (docs/design.md §5): the detector actor and its pool, the per-shard read
 task, and how the run reserves Ray resources. Each shell wraps a Ray-free worker (``workers.rows``).
 """
 

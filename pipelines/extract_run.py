@@ -1,4 +1,4 @@
-"""``regionflow extract`` once its flags are a validated ``ExtractConfig``: the run (DESIGN §5). Checks the
+"""``regionflow extract`` once its flags are a validated ``ExtractConfig``: the run (docs/design.md §5). Checks the
 inputs and the store (``workers.store.lifecycle``) before Ray starts where it can, starts the detectors
 (``pipelines.extract_actors``), hands the shards to the scheduler (``pipelines.extract_scheduler``) and
 records the run in the manifest.

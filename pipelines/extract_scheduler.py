@@ -1,4 +1,4 @@
-"""The scheduler of ``regionflow extract`` (DESIGN §5): the driver schedules and commits; it never receives
+"""The scheduler of ``regionflow extract`` (docs/design.md §5): the driver schedules and commits; it never receives
 feature rows.
 
 Each shard attempt is bound to one detector node: its read task (soft node affinity), its chunks' detector

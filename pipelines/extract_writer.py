@@ -1,4 +1,4 @@
-"""The part writers of ``regionflow extract`` (DESIGN §5: the driver schedules and commits; it never receives
+"""The part writers of ``regionflow extract`` (docs/design.md §5: the driver schedules and commits; it never receives
 feature rows). One writer actor per detector node writes the parts of the shards bound to that node: it gets
 each chunk's ``ChunkRows`` by reference, straight from the detector actor's output in the node's object store,
 in chunk order, and writes the part directly to the store (a local path, a filesystem shared by every node,

@@ -1,4 +1,4 @@
-"""Driver-side measure of what ``regionflow extract`` holds in flight (DESIGN §5: memory stays flat).
+"""Driver-side measure of what ``regionflow extract`` holds in flight (docs/design.md §5: memory stays flat).
 
 A *batch in flight* is a chunk the driver has taken from a shard's read stream and not yet written to the
 store (queued at or running on a detector actor, or finished and waiting for its turn in source order).

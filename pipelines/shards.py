@@ -1,4 +1,4 @@
-"""``regionflow shards``: an image folder (+ COCO captions JSON) -> WebDataset tar shards (DESIGN §9 CLI).
+"""``regionflow shards``: an image folder (+ COCO captions JSON) -> WebDataset tar shards (docs/design.md §9 CLI).
 
 Prints a JSON summary on stdout. Exit codes (`pipelines.cli.ExitCode`): 0 written; 1 bad input (message on stderr, nothing written).
 """

@@ -1,4 +1,4 @@
-"""Whether every node of the Ray cluster reaches a store (DESIGN §5): shared by ``train`` (every rank opens
+"""Whether every node of the Ray cluster reaches a store (docs/design.md §5): shared by ``train`` (every rank opens
 the store on its own node) and ``extract`` (parts are written on the detectors' nodes)."""
 
 from __future__ import annotations

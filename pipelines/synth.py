@@ -1,4 +1,4 @@
-"""``regionflow synth``: write the embedded default corpus (DESIGN §8) as WebDataset shards + VQA v2 JSON.
+"""``regionflow synth``: write the embedded default corpus (docs/design.md §8) as WebDataset shards + VQA v2 JSON.
 
 Example::
 

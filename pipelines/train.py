@@ -50,7 +50,7 @@ __all__ = [
 
 # ------------------------------------------------------------------------------------------------ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``regionflow train`` (DESIGN §9)."""
+    """Arguments of ``regionflow train`` (docs/design.md §9)."""
     from model.tasks import TASKS
 
     parser.add_argument("store", help="feature store directory")

@@ -1,4 +1,4 @@
-"""The store manifest and the per-shard done marker (DESIGN §4, §9 *Commit and resume*).
+"""The store manifest and the per-shard done marker (docs/design.md §4, §9 *Commit and resume*).
 
 Both are JSON written with sorted keys and no timestamps, so that two runs with the same extraction
 config produce byte-identical markers. ``manifest.json`` keeps a ``runs`` list (run history, with times)

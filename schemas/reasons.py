@@ -5,7 +5,7 @@ added ``ErrorReason``: stores without it read as before, and an older regionflow
 by name (``validate_errors``: "unknown reason codes"), so v1 stays readable (``member_name_not_utf8`` was
 added this way).
 Error rows carry an ``ErrorReason`` value in their ``reason`` column; ignored members are counted per
-``IgnoredReason`` in each shard's done marker (DESIGN §9 *Accounting*).
+``IgnoredReason`` in each shard's done marker (docs/design.md §9 *Accounting*).
 """
 
 from __future__ import annotations

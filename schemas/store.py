@@ -1,4 +1,4 @@
-"""Feature-store schema v1: one Arrow IPC file per input shard (DESIGN §4, §9 *Store schema v1*).
+"""Feature-store schema v1: one Arrow IPC file per input shard (docs/design.md §4, §9 *Store schema v1*).
 
 Layout of a store directory::
 

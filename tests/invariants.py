@@ -1,4 +1,4 @@
-"""The feature-store invariant, written once (DESIGN §4, §9): every test that leaves a store at rest asserts it.
+"""The feature-store invariant, written once (docs/design.md §4, §9): every test that leaves a store at rest asserts it.
 
 ``assert_store_invariants(store_root)`` checks a store that no run is writing:
 

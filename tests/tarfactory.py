@@ -132,7 +132,7 @@ def simple_sample(key: str, seed: int = 0, caption: str = "a test caption", size
 
 def read_all(path: str | Path, config=None):
     """Read a whole shard with ``workers.read.reader.ShardReader`` -> ``(samples, errors, counts)``, asserting
-    the accounting identity: members == used + in error rows + ignored (DESIGN §9)."""
+    the accounting identity: members == used + in error rows + ignored (docs/design.md §9)."""
     from workers.read.reader import DecodedSample, ReaderConfig, SampleError, ShardReader
 
     reader = ShardReader(str(path), config or ReaderConfig())

@@ -1,4 +1,4 @@
-"""Loading public bottom-up-attention checkpoints (MILVLG detectron2 naming) into ``butd-r101-c4`` (DESIGN §2).
+"""Loading public bottom-up-attention checkpoints (MILVLG detectron2 naming) into ``butd-r101-c4`` (docs/design.md §2).
 
 The checkpoint is built from every key and shape of ``shared/data/butd-checkpoint-keys`` with seeded random
 values, saved as ``.pth`` (torch tensors) and ``.pkl`` (numpy arrays, detectron2 style), loaded through

@@ -41,7 +41,7 @@ def tiny() -> RegionDetector:
 
 
 def assert_usable(output, image: np.ndarray, config: DetectorConfig) -> None:
-    """Finite, non-degenerate regions inside the image (DESIGN §2 *random init must be usable*)."""
+    """Finite, non-degenerate regions inside the image (docs/design.md §2 *random init must be usable*)."""
     height, width = image.shape[:2]
     n = output.boxes_xyxy_px.shape[0]
     assert n >= 2

@@ -1,4 +1,4 @@
-"""``regionflow extract`` end to end: real tars, the real Ray runtime, the ``tiny`` detector (DESIGN §4, §5, §9)."""
+"""``regionflow extract`` end to end: real tars, the real Ray runtime, the ``tiny`` detector (docs/design.md §4, §5, §9)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""A rerun of ``regionflow extract`` whose input changed under a committed shard (DESIGN §9 *Commit and
+"""A rerun of ``regionflow extract`` whose input changed under a committed shard (docs/design.md §9 *Commit and
 resume*): the done marker records the source (normalised URL, byte size); a rebuilt tar of the same name or a
 same-named shard from another directory is refused before any work, and ``--overwrite`` re-extracts exactly
 those shards even under the same config digest. Real tars, the real Ray runtime, the ``tiny`` detector.

@@ -1,4 +1,4 @@
-"""Fault tolerance of ``regionflow extract``: nothing lost, nothing duplicated (DESIGN §5, §9).
+"""Fault tolerance of ``regionflow extract``: nothing lost, nothing duplicated (docs/design.md §5, §9).
 
 Real faults on the real Ray runtime: a detector actor and a read worker SIGKILLed mid-shard, the driver
 SIGKILLed mid-run and rerun, a node of a multi-node ``ray.cluster_utils.Cluster`` removed while shards are in

@@ -1,4 +1,4 @@
-"""A store is readable without regionflow (DESIGN §4): pyarrow and polars open its Arrow IPC parts, and
+"""A store is readable without regionflow (docs/design.md §4): pyarrow and polars open its Arrow IPC parts, and
 DuckDB queries its Parquet export, in a fresh interpreter that never imports regionflow's packages."""
 
 from __future__ import annotations

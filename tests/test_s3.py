@@ -1,4 +1,4 @@
-"""Shards and stores on object storage (``s3://``), against a real S3-compatible server on loopback (DESIGN §1,
+"""Shards and stores on object storage (``s3://``), against a real S3-compatible server on loopback (docs/design.md §1,
 §4, §9 *Commit and resume*): ``regionflow extract`` from brace-ranged ``s3://`` shard URLs into an ``s3://`` store
 on the real Ray runtime, the store read back, the lock-less log line, resume after a lost marker, and a part
 without a marker ignored by readers.

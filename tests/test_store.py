@@ -1,5 +1,5 @@
 """``workers.store``: commit protocol, done markers, manifest, lock (live, stale, foreign host), stray
-temporaries, validation on write and on open (DESIGN §4, §9 *Commit and resume*)."""
+temporaries, validation on write and on open (docs/design.md §4, §9 *Commit and resume*)."""
 
 from __future__ import annotations
 

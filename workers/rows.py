@@ -1,4 +1,4 @@
-"""Samples → chunks → store rows: the per-shard work of ``regionflow extract`` without Ray (DESIGN §4, §5).
+"""Samples → chunks → store rows: the per-shard work of ``regionflow extract`` without Ray (docs/design.md §4, §5).
 
 Two stages, each a plain function or class that ``pipelines/extract.py`` wraps with ``ray.remote``:
 

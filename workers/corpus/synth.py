@@ -1,4 +1,4 @@
-"""The embedded default corpus: procedural scenes of coloured shapes (DESIGN §8).
+"""The embedded default corpus: procedural scenes of coloured shapes (docs/design.md §8).
 
 Each square image holds 1-4 flat shapes (circle, triangle, diamond, bar, pillar) in one of six colours and
 three sizes, on a mid-grey solid, gradient or noise background with a warm, cool or neutral tint; some shapes

@@ -1,4 +1,4 @@
-"""Configuration of the region detector and of its box selection (DESIGN §2).
+"""Configuration of the region detector and of its box selection (docs/design.md §2).
 
 Two frozen dataclasses, passed whole and recorded in every store manifest through ``to_dict()``:
 
@@ -37,7 +37,7 @@ CAFFE_PIXEL_MEANS_BGR = (102.9801, 115.9465, 122.7717)
 FEATURE_STRIDE_PX = 16  # res4 output stride of a C4 ResNet; RoIPool spatial scale is 1 / 16
 RES5_CHANNEL_FACTOR = 8  # res5 has 8× the channels of res2 (2048 = 8 × 256)
 
-# Documented autocast tolerance (DESIGN §2 Device): under ``torch.autocast`` with this dtype, an image's region
+# Documented autocast tolerance (docs/design.md §2 Device): under ``torch.autocast`` with this dtype, an image's region
 # features at the same boxes stay within this relative L2 error of float32, ||f - f32|| / ||f32||. Measured
 # on the CPU (seeded random init, COCO images): tiny bf16 0.3-0.9%, fp16 0.04-0.08% (4 images, 36 boxes);
 # butd-r101-c4 bf16 0.74%, fp16 0.12% (1 image, 36 boxes). The boxes themselves may differ: the RPN's scores

@@ -1,4 +1,4 @@
-"""Runtime region detector: images in, selected regions out (DESIGN §2). The worker ``pipelines/extract`` wraps.
+"""Runtime region detector: images in, selected regions out (docs/design.md §2). The worker ``pipelines/extract`` wraps.
 
 ``RegionDetector`` prepares images (``workers.detect.preprocess``), builds the network
 (``workers.detect.network``) with loaded weights (``workers.detect.weights``) or a seeded random init

@@ -1,4 +1,4 @@
-"""The region detector network: trunk, RPN, RoI heads, and one forward (DESIGN §2).
+"""The region detector network: trunk, RPN, RoI heads, and one forward (docs/design.md §2).
 
 Network (Anderson et al. 2018, "Bottom-Up and Top-Down Attention"; the Caffe model of
 peteanderson80/bottom-up-attention ``models/vg/ResNet-101/faster_rcnn_end2end_final/test.prototxt``, as MILVLG

@@ -1,4 +1,4 @@
-"""The legacy greedy NMS of the public bottom-up-attention extractors, and its IoU (DESIGN §2).
+"""The legacy greedy NMS of the public bottom-up-attention extractors, and its IoU (docs/design.md §2).
 
 Both NMS steps of the detector follow the legacy **CPU** NMS, which MILVLG bottom-up-attention.pytorch runs
 when it extracts on the CPU (``bua/caffe/modeling/layers/csrc/nms/nms_cpu.cpp``, from maskrcnn-benchmark) and

@@ -1,4 +1,4 @@
-"""Seeded random init of the detector and the frozen-BN calibration that keeps it usable (DESIGN §2).
+"""Seeded random init of the detector and the frozen-BN calibration that keeps it usable (docs/design.md §2).
 
 Without ``--weights`` the detector runs this init: it must still give finite, non-degenerate outputs, also
 under float16 (a plain random ResNet-101 with frozen batch norm overflows float16).
@@ -95,7 +95,7 @@ def calibrate_frozen_bn_(model: RegionDetectorModel, image: torch.Tensor, rois: 
     of the res5 head, whose bias is ``_LAST_NORM_BIAS`` (3): with zero bias, half of a channel's pre-ReLU values
     are negative on the calibration image, and on a flat real image a region feature channel could be 0 for
     every box (measured on ``tiny`` at 256 px: 1 of 64 channels dead on 1 of 12 COCO images), which breaks
-    DESIGN §2's "every feature dimension varies across an image's boxes".
+    docs/design.md §2's "every feature dimension varies across an image's boxes".
     """
     gains = {
         id(block.conv3.norm): 1.0 / math.sqrt(len(stage))

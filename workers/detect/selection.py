@@ -1,4 +1,4 @@
-"""Which proposals of one image become stored regions (DESIGN §2 *Box selection*).
+"""Which proposals of one image become stored regions (docs/design.md §2 *Box selection*).
 
 The rule of bottom-up attention (peteanderson80/bottom-up-attention ``tools/generate_tsv.py``, and MILVLG
 bottom-up-attention.pytorch ``save_roi_features``), written here as our own vectorised code:

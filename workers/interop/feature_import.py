@@ -1,4 +1,4 @@
-"""Import region features written by other tools into a regionflow store (DESIGN §4, §9 *Given boxes*).
+"""Import region features written by other tools into a regionflow store (docs/design.md §4, §9 *Given boxes*).
 
 Two source formats:
 
@@ -59,7 +59,7 @@ class ImportConfig:
         feature_dim: region feature size ``D``; None infers it from the first record with boxes.
         records_per_shard: split the source into shards of this many records (0: one shard).
         keep_cls_prob: store the source's ``cls_prob`` (float16, C must be 1601); off by default (it
-            doubles the store, DESIGN §4).
+            doubles the store, docs/design.md §4).
         batch_rows: rows per Arrow record batch written (memory bound, not in the config digest).
     """
 

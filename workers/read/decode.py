@@ -1,4 +1,4 @@
-"""Image bytes -> 8-bit RGB array: header check first, then OpenCV decode (DESIGN §1).
+"""Image bytes -> 8-bit RGB array: header check first, then OpenCV decode (docs/design.md §1).
 
 Order of checks (each failure raises ``SampleRejected`` with the reason in brackets):
 

@@ -1,4 +1,4 @@
-"""WebDataset shard -> decoded samples and error rows, every tar member counted (DESIGN §1, §9).
+"""WebDataset shard -> decoded samples and error rows, every tar member counted (docs/design.md §1, §9).
 
 Members are read with ``tarfile`` in stream mode (``r|``), not with ``webdataset``'s tar iterator: that
 iterator skips, without telling, non-regular members (directories, links), ``__*__`` names and metadata

@@ -1,4 +1,4 @@
-"""The feature store (DESIGN §4, docs/design.md §9): where it lives (``location``), writing a shard's part
+"""The feature store (docs/design.md §4, docs/design.md §9): where it lives (``location``), writing a shard's part
 (``writer``), reading committed shards (``reader``), the lock (``lock``) and its life across runs
 (``lifecycle``: foreign-directory refusal, config check, ``--overwrite``, stray temporaries, committed
 sources, manifest start and finish). Used by ``regionflow extract`` and ``regionflow import``.

@@ -1,5 +1,5 @@
 """Where a feature store lives and its small files: the root on a ``pyarrow.fs`` filesystem (local or object
-storage), part names, done markers and ``manifest.json`` (DESIGN §4, docs/design.md §9 *Commit and resume*).
+storage), part names, done markers and ``manifest.json`` (docs/design.md §4, docs/design.md §9 *Commit and resume*).
 
 Part files are Arrow IPC *files* (uncompressed, memory-mappable, zero-copy to numpy). On a local filesystem
 small files are written under a temporary name and renamed; on object storage (no atomic rename) they are

@@ -52,7 +52,7 @@ class StoreReader:
     def uncommitted_shards(self) -> list[str]:
         """Shard ids with a part file or error table in ``parts/`` but no done marker, sorted.
 
-        Readers ignore them (DESIGN §9: the marker is the commit point); callers report them.
+        Readers ignore them (docs/design.md §9: the marker is the commit point); callers report them.
         """
         names = set(self.location.list_names(self.location.path(PARTS_DIR)))
         shards = {n[: -len(ERRORS_SUFFIX)] for n in names if n.endswith(ERRORS_SUFFIX)}
