@@ -60,13 +60,16 @@ def _visualize(store: Path, out: Path, *extra: str) -> int:
 # ---------------------------------------------------------------------------------------- visualize
 
 
+def _assert_picture(out: Path) -> None:
+    """The image, then the random-init band under it (test stores are random init)."""
+    picture = cv2.imread(str(out))
+    assert picture.shape[1:] == (WIDTH, 3) and picture.shape[0] > HEIGHT
+
+
 def test_visualize_creates_a_missing_folder_like_export(store: Path, tmp_path: Path) -> None:
     out = tmp_path / "new" / "deeper" / "k1.png"
     assert _visualize(store, out) == 0
-    picture = cv2.imread(
-        str(out)
-    )  # the image, then the random-init band under it (test stores are random init)
-    assert picture.shape[1:] == (WIDTH, 3) and picture.shape[0] > HEIGHT
+    _assert_picture(out)
 
 
 def test_visualize_refuses_a_wrong_extension(store: Path, tmp_path: Path, capsys) -> None:
@@ -83,10 +86,7 @@ def test_visualize_does_not_overwrite_without_the_flag(store: Path, tmp_path: Pa
     assert "already exists" in err and "--overwrite" in err
     assert out.read_bytes() == b"mine"
     assert _visualize(store, out, "--overwrite") == 0
-    picture = cv2.imread(
-        str(out)
-    )  # the image, then the random-init band under it (test stores are random init)
-    assert picture.shape[1:] == (WIDTH, 3) and picture.shape[0] > HEIGHT
+    _assert_picture(out)
 
 
 # ------------------------------------------------------------------------------------------- export
