@@ -48,6 +48,30 @@ def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def check_ranges(
+    values: Any,
+    int_minimums: dict[str, int],
+    positive_floats: tuple[str, ...],
+    non_negative_floats: tuple[str, ...],
+) -> None:
+    """The one range rule of train's numeric flags, for `TrainConfig` fields and CLI-only flags alike.
+
+    ``values`` is any object with those attributes (a config or an ``argparse.Namespace``). Raises
+    `TrainInputError` naming the first flag below its integer minimum, or a float that is NaN, infinite, or
+    not > 0 (``positive_floats``) / >= 0 (``non_negative_floats``).
+    """
+    for name, minimum in int_minimums.items():
+        if getattr(values, name) < minimum:
+            raise TrainInputError(f"{flag(name)} must be >= {minimum}, got {getattr(values, name)}")
+    for name in positive_floats + non_negative_floats:
+        value = getattr(values, name)
+        positive = name in positive_floats
+        if not ((value > 0 if positive else value >= 0) and math.isfinite(value)):
+            raise TrainInputError(
+                f"{flag(name)} must be a finite number {'> 0' if positive else '>= 0'}, got {value}"
+            )
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """One training run (saved in ``run.json``; passed whole to every rank as a dict).
@@ -131,15 +155,7 @@ class TrainConfig:
             raise TrainInputError(f"--inject-fault must be RANK:STEP, got {self.inject_fault!r}")
 
     def _check_numbers(self) -> None:
-        for name, minimum in INT_MINIMUMS.items():
-            if getattr(self, name) < minimum:
-                raise TrainInputError(f"{flag(name)} must be >= {minimum}, got {getattr(self, name)}")
-        for name in POSITIVE_FLOATS + NON_NEGATIVE_FLOATS:
-            value = getattr(self, name)
-            positive = name in POSITIVE_FLOATS
-            if not ((value > 0 if positive else value >= 0) and math.isfinite(value)):
-                bound = "> 0" if positive else ">= 0"
-                raise TrainInputError(f"{flag(name)} must be a finite number {bound}, got {value}")
+        check_ranges(self, INT_MINIMUMS, POSITIVE_FLOATS, NON_NEGATIVE_FLOATS)
         try:
             check_holdout_fraction(self.holdout_fraction)
         except ValueError as exc:

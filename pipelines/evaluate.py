@@ -34,15 +34,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from model.checkpoint import CheckpointError
-from model.data import EmptyStoreError, StoreImages
-from model.released import ReleasedCheckpointError
+from model.data import StoreImages
+from model.input_errors import RUN_INPUT_ERRORS
 from model.scoring import Scorer, derangement
-from model.vqa import VqaDataError
 from pipelines.cli import ExitCode, fail
 from pipelines.evaluate_released import RELEASED_EVAL_SUFFIX, add_released_arguments
 from pipelines.evaluate_tasks import EvalInputError, evaluate_captions, evaluate_retrieval, evaluate_vqa
-from schemas.store import StoreSchemaError
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +96,9 @@ def run(args: argparse.Namespace) -> int:
     """Run ``regionflow evaluate``; returns `ExitCode` OK or BAD_INPUT."""
     try:
         out = evaluate(args)
-    except (
-        EvalInputError,
-        StoreSchemaError,
-        EmptyStoreError,
-        ReleasedCheckpointError,
-        VqaDataError,
-        CheckpointError,
-        FileNotFoundError,
-    ) as exc:
+    except EvalInputError as exc:
+        return fail("evaluate", exc)
+    except RUN_INPUT_ERRORS as exc:
         return fail("evaluate", exc)
     from model.report import REPORT_JSON
 

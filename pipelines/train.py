@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 
-from model.checkpoint import CheckpointError
 from model.config import PRESETS
-from model.data import DEFAULT_HOLDOUT_FRACTION, EmptyStoreError
-from model.released import ReleasedCheckpointError
-from model.train_config import DEFAULT_KEEP_CHECKPOINTS, TrainInputError, flag
-from model.vqa import DEFAULT_MIN_ANSWER_COUNT, VqaDataError
+from model.data import DEFAULT_HOLDOUT_FRACTION
+from model.input_errors import RUN_INPUT_ERRORS
+from model.train_config import DEFAULT_KEEP_CHECKPOINTS, TrainInputError, check_ranges
+from model.vqa import DEFAULT_MIN_ANSWER_COUNT
 from pipelines.cli import ExitCode, fail
 from pipelines.train_run import (
     FAULT_MARKER,
@@ -33,7 +31,6 @@ from pipelines.train_run import (
     prepare,
     write_run,
 )
-from schemas.store import StoreSchemaError
 
 log = logging.getLogger(__name__)
 
@@ -162,15 +159,9 @@ def run(args: argparse.Namespace) -> int:
         check_store_reachable(prepared.config.store, args.store_shared_fs)
         check_resources(prepared.config.workers, prepared.config.use_gpu)
         write_run(prepared, args.resume)
-    except (
-        TrainInputError,
-        StoreSchemaError,
-        EmptyStoreError,
-        ReleasedCheckpointError,
-        VqaDataError,
-        CheckpointError,
-        FileNotFoundError,
-    ) as exc:
+    except TrainInputError as exc:
+        return fail("train", exc)
+    except RUN_INPUT_ERRORS as exc:
         return fail("train", exc)
     if prepared.resume_step is not None:
         log.info("train: resuming %s from step %d", prepared.config.out, prepared.resume_step)
@@ -186,16 +177,7 @@ CLI_NON_NEGATIVE_FLOATS = ("contrastive_weight",)
 def check_cli_numbers(args: argparse.Namespace) -> None:
     """Raise `TrainInputError` naming the first CLI-only flag out of range (NaN and infinity included), or a
     run directory on object storage."""
-    for name, minimum in CLI_INT_MINIMUMS.items():
-        if getattr(args, name) < minimum:
-            raise TrainInputError(f"{flag(name)} must be >= {minimum}, got {getattr(args, name)}")
-    for name in CLI_POSITIVE_FLOATS + CLI_NON_NEGATIVE_FLOATS:
-        value = getattr(args, name)
-        positive = name in CLI_POSITIVE_FLOATS
-        if not ((value > 0 if positive else value >= 0) and math.isfinite(value)):
-            raise TrainInputError(
-                f"{flag(name)} must be a finite number {'> 0' if positive else '>= 0'}, got {value}"
-            )
+    check_ranges(args, CLI_INT_MINIMUMS, CLI_POSITIVE_FLOATS, CLI_NON_NEGATIVE_FLOATS)
     if args.hard_negatives and args.contrastive_weight <= 0:
         raise TrainInputError(
             "--hard-negatives draws from the contrastive similarity: it needs --contrastive-weight > 0"
