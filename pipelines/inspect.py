@@ -27,6 +27,7 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.fs as pafs
 
 from pipelines.cli import ExitCode, fail
 from schemas.manifest import DoneMarker
@@ -126,10 +127,15 @@ def inspect_store(root: str, *, verify: bool = False) -> StoreReport:
             continue
         marker = reader.marker(status.shard)
         ignored.update(marker.accounting.members_ignored)
-        errors.update(reader.errors(status.shard).column("reason").to_pylist())
-        _count_rows(report, reader.table(status.shard))
         if verify:
             report.problems += verify_shard(reader, status.shard, marker)
+        try:
+            errors.update(reader.errors(status.shard).column("reason").to_pylist())
+            _count_rows(report, reader.table(status.shard))
+        except FileNotFoundError:
+            if not verify:  # without --verify a missing part is an unreadable store (rc 1)
+                raise
+            # verify_shard named it; the shard's rows are not counted
     if verify:
         report.problems += [
             f"{s.shard}: {s.status} {s.detail}".strip() for s in report.shards if s.status == "other_config"
@@ -205,6 +211,12 @@ def verify_shard(reader: StoreReader, shard: str, marker: DoneMarker) -> list[st
     """Problems of one committed shard (empty when it verifies): file hashes and sizes against the marker,
     full row and error-table validation, row counts, shard ids, accounting identities."""
     part, errors_name, _ = part_names(shard)
+    infos = reader.location.fs.get_file_info(
+        [reader.location.path(PARTS_DIR, n) for n in (part, errors_name)]
+    )
+    missing = [n for n, i in zip((part, errors_name), infos, strict=True) if i.type == pafs.FileType.NotFound]
+    if missing:  # nothing more to validate: the committed shard has lost a file
+        return [f"{shard}: committed but {' and '.join(missing)} is missing"]
     problems = [
         *_check_hash(reader, part, marker.part_bytes, marker.part_sha256),
         *_check_hash(reader, errors_name, marker.errors_bytes, marker.errors_sha256),

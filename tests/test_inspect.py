@@ -61,6 +61,15 @@ def test_flipped_byte_found_only_by_verify(store: Path, capsys) -> None:
     assert "s-001.arrow" in capsys.readouterr().out
 
 
+def test_missing_part_is_damaged_not_an_error(store: Path, capsys) -> None:
+    (store / PARTS_DIR / "s-001.arrow").unlink()  # its done marker stays
+    assert cli.main(["inspect", str(store), "--verify"]) == 2  # damaged (ExitCode.SHARDS_FAILED), was rc 1
+    out = capsys.readouterr().out
+    assert "s-001: committed but s-001.arrow is missing" in out and "FAILED" in out
+    report = inspect_store(str(store), verify=True)
+    assert report.rows == 3  # the intact shard is still counted
+
+
 def test_invalid_rows_with_matching_hash_fail_verify(store: Path) -> None:
     """A part rewritten with a box outside its image and a marker re-hashed to match it."""
     path = store / PARTS_DIR / "s-000.arrow"
