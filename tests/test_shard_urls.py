@@ -25,6 +25,7 @@ from tarfactory import simple_sample
 
 from pipelines import cli
 from workers.corpus.tar_writer import write_tar
+from workers.read import urls
 from workers.read.reader import ReaderConfig, SampleError, ShardReader
 from workers.read.urls import (
     ShardReadError,
@@ -226,6 +227,21 @@ def test_unreachable_http_server_is_refused_with_its_cause(tmp_path: Path) -> No
         ShardURLError, match=rf"cannot reach 127\.0\.0\.1:{port} for shard {url}: ConnectionRefusedError"
     ):
         check_shard_urls([url.replace("000", "{000..001}")])
+
+
+@pytest.mark.timeout(60)
+def test_http_server_that_never_answers_is_refused_after_the_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that accepts the connection and never replies hung the pre-Ray HEAD forever (trial 2 item 1);
+    now the HEAD gives up after ``HTTP_TIMEOUT_S`` (shortened here) and the run is refused in one line."""
+    monkeypatch.setattr(urls, "HTTP_TIMEOUT_S", 0.5)
+    with socket.socket() as black_hole:
+        black_hole.bind(("127.0.0.1", 0))
+        black_hole.listen(4)  # the kernel accepts connections; nothing ever reads or answers
+        url = f"http://127.0.0.1:{black_hole.getsockname()[1]}/s-000.tar"
+        started = time.monotonic()
+        with pytest.raises(ShardURLError, match=r"cannot reach 127\.0\.0\.1:\d+ for shard .*Timeout"):
+            check_shard_urls([url])
+        assert time.monotonic() - started < 20
 
 
 @pytest.mark.slow
