@@ -97,6 +97,15 @@ def test_directory_and_empty_pattern_refused_local_pattern_expanded(tmp_path: Pa
     assert check_shard_urls([missing]) == [missing]
 
 
+def test_double_star_pattern_matches_tars_in_subfolders(tmp_path: Path) -> None:
+    """``'dir/**/*.tar'`` said "matches no file" although the folders held tars (trial 2 item 9)."""
+    for relative in ("top-000.tar", "a/mid-000.tar", "a/b/deep-000.tar"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        write_tar(tmp_path / relative, samples("s", 1))
+    found = check_shard_urls([f"{tmp_path}/**/*.tar"])
+    assert found == sorted(str(tmp_path / r) for r in ("top-000.tar", "a/mid-000.tar", "a/b/deep-000.tar"))
+
+
 def test_extract_refuses_pipe_and_directory_before_ray(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     import ray
 

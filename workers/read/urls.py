@@ -24,7 +24,8 @@ Refused before anything starts (``ShardURLError``, a ``ValueError``; ``check_sha
   ``HTTP_TIMEOUT_S``): one HEAD per host, the cause in the message. A shard the server answers 404 for is a failed shard of the run, as before.
 
 Patterns: brace ranges (``s-{000..099}.tar``, any scheme) always expand; shell-style ``*``, ``?`` and
-``[...]`` (quoted, so the shell did not expand them) expand for local paths (``glob``) and object storage
+``[...]`` (quoted, so the shell did not expand them) expand for local paths (``glob``; ``**`` spans
+folders) and object storage
 (one listing below the last slash before the first wildcard; ``*`` and ``?`` do not cross ``/``), sorted.
 A local file whose name really contains those characters is taken as it is.
 
@@ -217,7 +218,8 @@ def _expand_pattern(url: str) -> list[str]:
     if not location.scheme:
         if os.path.exists(location.path) or not _WILDCARD.search(location.path):
             return [location.path]
-        matches = sorted(path for path in glob.glob(location.path) if os.path.isfile(path))
+        found = glob.glob(location.path, recursive=True)  # "**" spans folders, as in bash's globstar
+        matches = sorted(path for path in found if os.path.isfile(path))
     elif not _WILDCARD.search(location.path):
         return [url]
     elif location.scheme in HTTP_SCHEMES:
