@@ -33,6 +33,7 @@ from workers.read.urls import (
     _SizedStream,
     check_shard_urls,
     open_shard_stream,
+    shard_id_of,
     shard_size,
 )
 
@@ -179,6 +180,18 @@ def test_http_shard_reads_and_missing_one_is_a_read_error(tmp_path: Path) -> Non
         with pytest.raises(ShardReadError, match=f"{base}/gone.tar"):
             list(ShardReader(f"{base}/gone.tar", ReaderConfig()))
         assert check_shard_urls([f"{base}/gone.tar"]) == [f"{base}/gone.tar"]  # a 404 fails the shard, later
+
+
+def test_http_url_with_a_query_string_is_a_shard_not_a_pattern(tmp_path: Path) -> None:
+    """A presigned-style URL (``...tar?token=abc&x=1``) was refused as a pattern over http (trial 2 item 4)."""
+    write_tar(tmp_path / "h-000.tar", samples("h", 2))
+    with http_server(tmp_path) as base:
+        url = f"{base}/h-000.tar?token=abc&x=1"
+        assert check_shard_urls([url]) == [url]
+        assert shard_id_of(url) == "h-000"
+        assert [r.key for r in ShardReader(url, ReaderConfig())] == ["h00", "h01"]
+        with pytest.raises(ShardURLError, match="cannot be listed"):
+            check_shard_urls([f"{base}/h-*.tar?token=abc"])
 
 
 def test_http_shard_over_1_mib_streams_from_a_server_without_range_support(tmp_path: Path) -> None:

@@ -27,7 +27,9 @@ Patterns: brace ranges (``s-{000..099}.tar``, any scheme) always expand; shell-s
 ``[...]`` (quoted, so the shell did not expand them) expand for local paths (``glob``; ``**`` spans
 folders) and object storage
 (one listing below the last slash before the first wildcard; ``*`` and ``?`` do not cross ``/``), sorted.
-A local file whose name really contains those characters is taken as it is.
+A local file whose name really contains those characters is taken as it is. In an http(s) URL the first
+``?`` starts the query (presigned URLs: ``...tar?X-Amz-Signature=...``): the query is sent as given, never
+expanded, and is not part of the shard id.
 
 Short reads (issue: an object store that answers a ranged GET with fewer bytes than asked, a short ``206``
 with a matching ``Content-Length``, ray-project/ray#66011). Shards on S3 are read with ``s3fs``, not
@@ -89,9 +91,18 @@ class ShardLocation:
 
 
 def shard_id_of(url: str) -> str:
-    """Shard id: the file name without any extension (``"a/b/coco-000.tar.gz"`` -> ``"coco-000"``)."""
-    name = url.rstrip("/").rsplit("/", 1)[-1]
+    """Shard id: the file name without any extension (``"a/b/coco-000.tar.gz"`` -> ``"coco-000"``); an
+    http(s) URL's query and fragment are not part of it (``".../s-000.tar?X-Amz-Signature=..."`` -> ``"s-000"``)."""
+    name = _http_path_part(url).rstrip("/").rsplit("/", 1)[-1]
     return name.split(".", 1)[0]
+
+
+def _http_path_part(url: str) -> str:
+    """``url`` without its query (``?...``) and fragment (``#...``) when it is an http(s) URL, else ``url``:
+    the first ``?`` of an http URL starts its query (presigned URLs), it is not a pattern."""
+    if url.lower().startswith(("http://", "https://")):
+        return url.split("#", 1)[0].split("?", 1)[0]
+    return url
 
 
 def parse_shard_url(url: str) -> ShardLocation:
@@ -220,7 +231,7 @@ def _expand_pattern(url: str) -> list[str]:
             return [location.path]
         found = glob.glob(location.path, recursive=True)  # "**" spans folders, as in bash's globstar
         matches = sorted(path for path in found if os.path.isfile(path))
-    elif not _WILDCARD.search(location.path):
+    elif not _WILDCARD.search(_http_path_part(location.path)):
         return [url]
     elif location.scheme in HTTP_SCHEMES:
         raise ShardURLError(
