@@ -179,7 +179,8 @@ def test_http_shard_reads_and_missing_one_is_a_read_error(tmp_path: Path) -> Non
         assert [r.key for r in read] == ["h00", "h01", "h02"]
         with pytest.raises(ShardReadError, match=f"{base}/gone.tar"):
             list(ShardReader(f"{base}/gone.tar", ReaderConfig()))
-        assert check_shard_urls([f"{base}/gone.tar"]) == [f"{base}/gone.tar"]  # a 404 fails the shard, later
+        with pytest.raises(ShardURLError, match=rf"shard {base}/gone-000.tar: the server answers HTTP 404"):
+            check_shard_urls([f"{base}/gone-{{000..001}}.tar"])  # refused before Ray (trial 2 item 9)
 
 
 def test_http_url_with_a_query_string_is_a_shard_not_a_pattern(tmp_path: Path) -> None:

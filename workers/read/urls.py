@@ -21,7 +21,9 @@ Refused before anything starts (``ShardURLError``, a ``ValueError``; ``check_sha
 - a local directory (give its files, e.g. ``'DIR/*.tar'``);
 - a pattern that matches nothing, or a pattern over http(s) (HTTP has no listing: use a brace range);
 - an http(s) server that cannot be reached at all (connection refused, unknown host, no answer within
-  ``HTTP_TIMEOUT_S``): one HEAD per host, the cause in the message. A shard the server answers 404 for is a failed shard of the run, as before.
+  ``HTTP_TIMEOUT_S``): one HEAD per host, the cause in the message;
+  the first shard of a host that the server answers 404 (or 410, 401, 403) for. Other shards of the host
+  are not HEADed before the run: a 404 there fails that shard of the run.
 
 Patterns: brace ranges (``s-{000..099}.tar``, any scheme) always expand; shell-style ``*``, ``?`` and
 ``[...]`` (quoted, so the shell did not expand them) expand for local paths (``glob``; ``**`` spans
@@ -61,6 +63,8 @@ HTTP_TIMEOUT_S = 30.0
 ``ClientTimeout(sock_connect, sock_read)``); no total limit, so a large shard may stream for as long as
 bytes keep coming. A server that accepts the connection and never answers fails the HEAD after this long
 (trial 2 item 1: it hung the pre-Ray check forever)."""
+NEVER_SERVED_STATUSES = (401, 403, 404, 410)
+"""HTTP statuses of the pre-Ray HEAD that refuse the run: retrying the shard cannot change them."""
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):(.*)$", re.DOTALL)
 _WILDCARD = re.compile(r"[*?[]")
 
@@ -163,8 +167,9 @@ def check_shard_urls(urls: list[str]) -> list[str]:
 
 def _refuse_unreachable_http_hosts(urls: list[str]) -> None:
     """One HEAD (``shard_size``) of the first shard of each http(s) host; raise ``ShardURLError`` when the
-    host cannot be reached at all (connection refused, unknown host, TLS failure). Any other answer (a 404, a
-    missing size) is left to the shard's read."""
+    host cannot be reached at all (connection refused, unknown host, TLS failure, no answer in time) or
+    answers a status that never changes (``NEVER_SERVED_STATUSES``: 404, 410, 401, 403). Any other answer
+    (a 5xx, a missing size) is left to the shard's read, which retries."""
     first_by_host: dict[str, str] = {}
     for url in urls:
         location = parse_shard_url(url)
@@ -176,6 +181,24 @@ def _refuse_unreachable_http_hosts(urls: list[str]) -> None:
         except ShardReadError as exc:
             if _connection_error(exc) is not None:
                 raise ShardURLError(f"cannot reach {host} for shard {url}: {_cause_text(exc)}") from exc
+            status = _refusing_status(exc)
+            if status is not None:
+                raise ShardURLError(
+                    f"shard {url}: the server answers HTTP {status} (a shard that can never be read)"
+                ) from exc
+
+
+def _refusing_status(exc: BaseException) -> int | None:
+    """The HTTP status in ``exc``'s cause chain when it says the shard will never be served
+    (``NEVER_SERVED_STATUSES``), else None."""
+    import aiohttp
+
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, aiohttp.ClientResponseError) and seen.status in NEVER_SERVED_STATUSES:
+            return seen.status
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _connection_error(exc: BaseException) -> BaseException | None:
