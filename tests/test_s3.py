@@ -22,6 +22,8 @@ from schemas.store import LOCK_FILE, MANIFEST_FILE
 from workers.corpus.tar_writer import write_tar
 from workers.read.reader import expand_shard_urls
 from workers.store import StoreReader
+from workers.store.lifecycle import StoreRefused, refuse_foreign_directory
+from workers.store.location import StoreLocation
 
 SHARDS = ("shard-000", "shard-001")
 STORE = "store"
@@ -158,3 +160,20 @@ def test_tsv_export_then_import_into_an_s3_store(first_run: dict, s3: S3Server, 
     original = pa.concat_tables([source.table(s) for s in source.shards()])
     assert rows.num_rows == original.num_rows == 5
     assert rows.column("features").to_pylist() == original.column("features").to_pylist()
+
+
+def test_store_in_a_missing_bucket_is_refused_before_ray(
+    s3: S3Server, shard_urls: list[str], capsys: pytest.CaptureFixture
+) -> None:
+    """``--out s3://missing/...`` ended in a traceback from start_manifest after Ray started (trial 2 item 3);
+    now one line, rc 1, before Ray."""
+    import ray
+
+    was_up = ray.is_initialized()
+    out = "s3://no-such-bucket-here/stores/st"
+    with pytest.raises(StoreRefused, match="bucket 'no-such-bucket-here' of the store does not exist"):
+        refuse_foreign_directory(StoreLocation.parse(out))
+    code = cli.main(["extract", *shard_urls, "--out", out, "--config", "tiny"])
+    err = capsys.readouterr().err
+    assert code == 1 and "regionflow extract: error: the bucket 'no-such-bucket-here'" in err
+    assert "Traceback" not in err and ray.is_initialized() == was_up

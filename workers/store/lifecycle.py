@@ -100,8 +100,11 @@ def refuse_foreign_directory(location: StoreLocation) -> None:
     lock and a ``manifest.json.tmp`` (a run killed while writing its first manifest) are our own.
 
     Raises:
-        StoreRefused: ``location.root`` is a file, or a non-empty directory without a manifest.
+        StoreRefused: ``location.root`` is a file, or a non-empty directory without a manifest; on object
+            storage, its bucket does not exist or cannot be read (was a traceback after Ray started).
     """
+    if not location.is_local:
+        _refuse_missing_bucket(location)
     info = location.fs.get_file_info(location.root)
     if info.type == pafs.FileType.NotFound:
         return
@@ -114,6 +117,20 @@ def refuse_foreign_directory(location: StoreLocation) -> None:
         raise StoreRefused(
             f"{location.root} is not empty and is not a regionflow store (no manifest.json); "
             "choose another --out"
+        )
+
+
+def _refuse_missing_bucket(location: StoreLocation) -> None:
+    """Raise ``StoreRefused`` when the bucket of an object-storage store does not exist or cannot be read
+    (the store would fail at its first write, after the detectors started)."""
+    bucket = location.root.split("/", 1)[0]
+    try:
+        info = location.fs.get_file_info(bucket)
+    except OSError as exc:
+        raise StoreRefused(f"cannot read the bucket {bucket!r} of the store: {exc}") from exc
+    if info.type == pafs.FileType.NotFound:
+        raise StoreRefused(
+            f"the bucket {bucket!r} of the store does not exist; create it first or choose another --out"
         )
 
 
