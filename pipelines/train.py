@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+from pathlib import Path
+from typing import Any
 
 from model.config import PRESETS
 from model.data import DEFAULT_HOLDOUT_FRACTION
@@ -28,6 +31,7 @@ from pipelines.train_run import (
     RAY_TRAIN_DIR,
     RUN_FILE,
     PreparedRun,
+    latest_checkpoint_step,
     prepare,
     write_run,
 )
@@ -234,14 +238,15 @@ def check_resources(workers: int, use_gpu: bool) -> None:
 
 def fit(prepared: PreparedRun, address: str | None = None) -> int:
     """Run the Ray Train ``TorchTrainer``; returns `ExitCode` OK or RUN_FAILED."""
+    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from pipelines.train_worker import train_loop_per_worker
 
     config = prepared.config
     _connect_ray(address)
-    trainer = TorchTrainer(
+    trainer = _interruptible_trainer_class()(
         train_loop_per_worker,
         train_loop_config={
             "train": config.to_dict(),
@@ -260,6 +265,51 @@ def fit(prepared: PreparedRun, address: str | None = None) -> int:
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:  # worker errors (after max_failures restarts) and controller errors
+        if trainer.interrupted:
+            return interrupted(config.out)
         return fail("train", f"training failed: {exc}", ExitCode.RUN_FAILED)
+    except (SystemExit, KeyboardInterrupt, ray.exceptions.RayActorError):
+        # Ray's SIGINT handler aborts the controller and calls sys.exit(0) when the abort call sees the
+        # controller die; else the run's ray.get sees the dead controller (RayActorError)
+        if not trainer.interrupted:
+            raise
+        return interrupted(config.out)
+    if trainer.interrupted:  # the abort came after the last step: fit() returns the aborted run's result
+        return interrupted(config.out)
     log.info("train: done; last checkpoint %s", result.checkpoint.path if result.checkpoint else None)
     return ExitCode.OK
+
+
+def interrupted(out: str) -> int:
+    """One line for a Ctrl-C'd run: where it stopped (its newest complete checkpoint) and how to go on;
+    returns `ExitCode.INTERRUPTED`."""
+    step = latest_checkpoint_step(Path(out))
+    where = f"last complete checkpoint at step {step}" if step else "no checkpoint written yet"
+    return fail(
+        "train",
+        f"interrupted (Ctrl-C); {where}; rerun the same command with --resume to continue",
+        ExitCode.INTERRUPTED,
+    )
+
+
+def _interruptible_trainer_class() -> type:
+    """``TorchTrainer`` that records a Ctrl-C. Ray Train (2.x) installs its own SIGINT handler inside ``fit()``
+    (it aborts the controller, then ``fit()`` raises or returns: ray/train/v2/api/data_parallel_trainer.py
+    ``_register_sigint_handler``); this wraps that handler so `fit` can tell an abort from a failure."""
+    from ray.train.torch import TorchTrainer
+
+    class InterruptibleTrainer(TorchTrainer):
+        interrupted = False
+
+        def _register_sigint_handler(self, controller: Any) -> None:
+            super()._register_sigint_handler(controller)  # type: ignore[misc]
+            ray_handler = signal.getsignal(signal.SIGINT)
+
+            def handler(signum: int, frame: Any) -> None:
+                self.interrupted = True
+                if callable(ray_handler):
+                    ray_handler(signum, frame)
+
+            signal.signal(signal.SIGINT, handler)
+
+    return InterruptibleTrainer

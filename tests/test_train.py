@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +25,7 @@ from pipelines.train import (
     RAY_TRAIN_DIR,
     RUN_FILE,
 )
+from pipelines.train_run import latest_checkpoint_step
 
 D = 8
 EXIT_BAD_INPUT = ExitCode.BAD_INPUT
@@ -300,3 +306,37 @@ def test_init_from_a_finished_run_with_another_answer_vocabulary(
     assert run["model_config"]["num_answers"] == 4 and init["loaded"] > 0
     assert init["fresh"] and all(k.startswith("vqa_head.") for k in init["fresh"])
     assert len(_losses(out)) == 2
+
+
+@pytest.mark.slow
+def test_ctrl_c_exits_130_and_says_where_it_stopped(tiny_inputs, tmp_path):
+    """Ctrl-C (SIGINT) after the first checkpoint: Ray Train aborts the run; the exit code is 130
+    (ExitCode.INTERRUPTED), and one line names the last complete checkpoint and ``--resume`` (trial 2 item 2:
+    was rc 1 with only Ray's "Gracefully aborting" line)."""
+    out = tmp_path / "run"
+    args = _train_args(tiny_inputs, out)
+    args[args.index("--max-steps") + 1] = "100000"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own local Ray
+    with open(tmp_path / "err", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "pipelines.cli", *args], stderr=err, env=env)
+    try:
+        deadline = time.monotonic() + 300
+        while latest_checkpoint_step(out) == 0 and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert proc.poll() is None, (tmp_path / "err").read_text()[-3000:]
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = (tmp_path / "err").read_text(errors="replace")
+    assert code == ExitCode.INTERRUPTED, text[-3000:]
+    step = latest_checkpoint_step(out)
+    assert step > 0
+    line = (
+        f"regionflow train: error: interrupted (Ctrl-C); last complete checkpoint at step {step}; "
+        "rerun the same command with --resume to continue"
+    )
+    assert line in text, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
