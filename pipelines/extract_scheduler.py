@@ -12,7 +12,8 @@ accounting to commit (part, error table, then done marker).
 Bounds (memory stays flat): at most ``pool.capacity`` chunks taken from the streams and not yet written,
 ``ACTOR_QUEUE_DEPTH`` unfinished calls per actor, ``shards_in_flight`` shard attempts (at least one per
 detector node). A failed attempt (a read error, a detector call that fails after Ray's retries, a writer
-that died) is aborted and restarted from the shard's first sample, up to ``SHARD_ATTEMPTS`` times.
+that died) is aborted and restarted from the shard's first sample, up to ``SHARD_ATTEMPTS`` times; a shard
+whose bytes are not a tar (``ShardNotATar``: random bytes, an empty file) fails at once, one error line.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from pipelines.extract_config import ExtractConfig, ExtractSummary
 from pipelines.extract_writer import WriterPool
 from pipelines.inflight import InFlightMeter
 from schemas.manifest import ShardAccounting
+from workers.read.urls import ShardNotATar
 from workers.rows import ChunkStats
 from workers.store import StoreLocation, shard_source
 
@@ -303,11 +305,17 @@ class ShardScheduler:
         run.writer.abort.remote(run.key)  # deletes the unfinished part (nothing if the writer is dead)
         ray.cancel(run.stream, force=False)
         index = self.active.index(run)
-        if run.attempt < SHARD_ATTEMPTS:
+        permanent = isinstance(_root_cause(exc), ShardNotATar)
+        if run.attempt < SHARD_ATTEMPTS and not permanent:
             logger.warning("shard %s attempt %d failed (%s); retrying", run.shard, run.attempt, message)
             self.active[index] = self._start(run.url, attempt=run.attempt + 1)
             return
-        logger.error("shard %s failed %d times, skipped: %s", run.shard, run.attempt, message)
+        if permanent:
+            logger.error(
+                "shard %s failed, skipped (not retried: reading it again cannot help): %s", run.shard, message
+            )
+        else:
+            logger.error("shard %s failed %d times, skipped: %s", run.shard, run.attempt, message)
         self.active.pop(index)
         self.summary.failed_shards.append({"shard": run.shard, "url": run.url, "error": message})
         self._show_progress()
@@ -366,7 +374,13 @@ def _progress_bar() -> Any:
 def _error_text(exc: BaseException) -> str:
     """``Type: message`` of the root cause of a (possibly Ray-wrapped) exception, the whole message (every
     line; the traceback is logged at debug level)."""
+    cause = _root_cause(exc)
+    return f"{type(cause).__name__}: {str(cause).strip()}"
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The exception a (possibly Ray-wrapped) task error was raised with."""
     cause = exc
     while isinstance(cause, ray.exceptions.RayTaskError) and cause.cause is not None:
         cause = cause.cause
-    return f"{type(cause).__name__}: {str(cause).strip()}"
+    return cause

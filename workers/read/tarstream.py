@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from workers.read.urls import STREAM_BUFFER_BYTES, ShardReadError
+from workers.read.urls import STREAM_BUFFER_BYTES, ShardNotATar, ShardReadError
 
 TAIL_BYTES = 8 * tarfile.RECORDSIZE  # uncompressed bytes kept to inspect where the tar stream stopped
 GZIP_MAGIC = b"\x1f\x8b"
@@ -138,15 +138,15 @@ def iter_tar_entries(
 ) -> Iterator[TarEntry | TarDamage]:
     """Every member of a tar stream in order; data read only for regular members ``wanted(name)`` accepts.
 
-    Ends with one ``TarDamage`` if the stream is damaged. Raises ``ShardReadError`` if the stream is
-    not a tar at all (first header unreadable) or on I/O errors.
+    Ends with one ``TarDamage`` if the stream is damaged. Raises ``ShardNotATar`` (a ``ShardReadError``)
+    if the stream is not a tar at all (first header unreadable), ``ShardReadError`` on I/O errors.
     """
     source = _decompressed(stream)
     recorder = _TailRecorder(source)
     try:
         tar = tarfile.open(fileobj=recorder, mode="r|", encoding="utf-8", errors="surrogateescape")
     except _DAMAGE_ERRORS as exc:
-        raise ShardReadError(
+        raise ShardNotATar(
             f"shard {url} is not a readable tar: {_with_gzip_error(str(exc), source)}"
         ) from exc
     name: str | None = None

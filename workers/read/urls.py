@@ -73,6 +73,11 @@ class ShardReadError(RuntimeError):
     """The shard cannot be read (missing, not a tar, I/O failure, short read); the message contains the URL."""
 
 
+class ShardNotATar(ShardReadError):
+    """The shard's bytes were read and are not a tar (random bytes, an empty file): reading it again cannot
+    succeed, so the run fails the shard once instead of retrying it (trial 2 item 7)."""
+
+
 class ShardURLError(ValueError):
     """A shard URL that can never be read (unsupported scheme, a directory, a pattern matching nothing)."""
 
