@@ -229,6 +229,7 @@ def evaluate(args: argparse.Namespace) -> Path:
     run_dir = Path(args.run_dir).resolve()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reader = StoreReader(args.store)
+    reader.check_part_sizes()  # sizes against the done markers, no re-hash (inspect --verify re-hashes)
     released = run_dir.is_file()
     if released:  # a released vilbert-multi-task checkpoint, evaluated on every image of the store
         from pipelines.evaluate_released import load_released_model

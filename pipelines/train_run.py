@@ -137,6 +137,7 @@ def prepare(args: argparse.Namespace) -> PreparedRun:
             "--task vqa needs --vqa-questions and --vqa-annotations (and they need --task vqa)"
         )
     reader = StoreReader(store_path)
+    reader.check_part_sizes()  # sizes against the done markers, no re-hash (inspect --verify re-hashes)
     _warn_uncommitted(reader, store_path)
     images = StoreImages(reader)
     if images.empty_shard_ids:

@@ -340,3 +340,33 @@ def test_ctrl_c_exits_130_and_says_where_it_stopped(tiny_inputs, tmp_path):
     )
     assert line in text, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
+
+
+@pytest.mark.parametrize("damage", ["truncated", "missing"])
+def test_store_whose_part_size_differs_from_its_marker_is_refused(tmp_path, damage, capsys):
+    """train checks each committed part's size against its done marker before Ray starts (no re-hash): a
+    truncated or missing part is refused in one line naming the shard (trial 2 item 6: trained silently)."""
+    rows = random_rows(num_images=8, feature_dim=D, seed=3, captions_per_image=1, with_image_ids=True)
+    store = write_store(tmp_path / "store", rows, D, num_shards=2)
+    part = sorted((store / "parts").glob("*.arrow"))[0]
+    shard = part.name.split(".")[0]
+    part = store / "parts" / f"{shard}.arrow"
+    if damage == "missing":
+        part.unlink()
+    else:
+        part.write_bytes(part.read_bytes()[:-1])
+    args = [
+        "train",
+        str(store),
+        "--task",
+        "pretrain",
+        "--out",
+        str(tmp_path / "run"),
+        "--model-config",
+        "tiny",
+    ]
+    assert main(args) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"regionflow train: error: shard {shard} is damaged: {shard}.arrow is "), err
+    assert f"regionflow inspect {store} --verify" in err and len(err.splitlines()) == 1, err
+    assert not (tmp_path / "run").exists()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import mmap
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.ipc as ipc
 
 from schemas.manifest import DoneMarker
@@ -36,6 +37,7 @@ class StoreReader:
 
     def __init__(self, root: str) -> None:
         self.location = StoreLocation.parse(root)
+        self.uri = root  # as given (an object-storage URI keeps its scheme)
         manifest = read_manifest(self.location)
         if manifest is None:
             raise StoreSchemaError(f"{root}: not a regionflow store (no {MANIFEST_FILE})")
@@ -104,6 +106,29 @@ class StoreReader:
     def part_is_local(self) -> bool:
         """True when parts are memory-mapped files (a local or shared filesystem), False on object storage."""
         return self.location.is_local
+
+    def check_part_sizes(self) -> None:
+        """Cheap damage check before a run reads the store: every committed shard's part and error files exist
+        with the byte sizes its done marker records (one stat each; local or object-storage sizes). Hashes are
+        not recomputed: a rerun trusts the marker (docs/design.md §9); ``regionflow inspect --verify`` re-hashes.
+
+        Raises:
+            StoreSchemaError: naming the first shard whose file is missing or has another size.
+        """
+        shards = self.shards()
+        expected = []
+        for shard in shards:
+            marker = self.marker(shard)
+            part, errors, _ = part_names(shard)
+            expected += [(shard, part, marker.part_bytes), (shard, errors, marker.errors_bytes)]
+        infos = self.location.fs.get_file_info([self.location.path(PARTS_DIR, e[1]) for e in expected])
+        for (shard, name, size), info in zip(expected, infos, strict=True):
+            found = "missing" if info.type == pafs.FileType.NotFound else f"{info.size} bytes"
+            if info.type == pafs.FileType.NotFound or info.size != size:
+                raise StoreSchemaError(
+                    f"shard {shard} is damaged: {name} is {found}, its done marker says {size} bytes; "
+                    f"run `regionflow inspect {self.uri} --verify`"
+                )
 
     def _check_part_schema(self, shard: str, schema: pa.Schema) -> None:
         if feature_dim_of(schema) != self.feature_dim or not schema.equals(
