@@ -159,6 +159,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         check_cli_numbers(args)
         prepared = prepare(args)  # validated configs and run.json contents; nothing written, no Ray
+        if _finished(prepared):
+            return ExitCode.OK
         _connect_ray(args.address)
         check_store_reachable(prepared.config.store, args.store_shared_fs)
         check_resources(prepared.config.workers, prepared.config.use_gpu)
@@ -170,6 +172,21 @@ def run(args: argparse.Namespace) -> int:
     if prepared.resume_step is not None:
         log.info("train: resuming %s from step %d", prepared.config.out, prepared.resume_step)
     return fit(prepared, address=args.address)
+
+
+def _finished(prepared: PreparedRun) -> bool:
+    """True (and says so) for a ``--resume`` of a run whose newest checkpoint is already at ``--max-steps``:
+    nothing to train, so Ray is not started (it took ~20 s only to report "done")."""
+    step, max_steps = prepared.resume_step, prepared.config.max_steps
+    if step is None or step < max_steps or not (Path(prepared.config.out) / MODEL_FILE).is_file():
+        return False
+    log.info(
+        "train: %s is finished (step %d of --max-steps %d): nothing to do, Ray not started",
+        prepared.config.out,
+        step,
+        max_steps,
+    )
+    return True
 
 
 # flags that are not `TrainConfig` fields (those are checked by `TrainConfig.__post_init__`)

@@ -159,6 +159,14 @@ def prepare(args: argparse.Namespace) -> PreparedRun:
         model_config = init_config(config.init_from, model_config)
         _, report = initial_weights(config.init_from, model_config)  # refuses what does not fit, before Ray
         init_report = report.to_dict()
+        heads = sorted({name.split(".")[0] for name in report.fresh})
+        log.info(
+            "train: --init-from %s: %d tensors loaded, %d fresh%s",
+            config.init_from,
+            report.loaded,
+            len(report.fresh),
+            f" ({', '.join(heads)})" if heads else "",
+        )
     max_steps = config.max_steps or _steps_from_epochs(sizes["items"], config, args.epochs)
     config = dataclasses.replace(config, max_steps=max_steps)
     run_info = {

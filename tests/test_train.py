@@ -126,6 +126,10 @@ def test_resume_equals_an_uninterrupted_run(
         {"at_step": MAX_STEPS, "max_steps": {"from": MAX_STEPS, "to": MAX_STEPS + 2}}
     ]
     assert run["train"]["max_steps"] == MAX_STEPS + 2
+    # resuming the finished run with the same --max-steps: decided before Ray (trial 2 item 10)
+    assert main(_with_max_steps(_train_args(tiny_inputs, out, "--resume"), MAX_STEPS + 2)) == 0
+    assert f"train: {out} is finished (step {MAX_STEPS + 2} of --max-steps {MAX_STEPS + 2})" in caplog.text
+    assert "Ray not started" in caplog.text and _losses(out) == losses
     # a run cannot be shortened: the refusal says what to run instead
     capsys.readouterr()
     assert main(_with_max_steps(_train_args(tiny_inputs, out, "--resume"), 4)) == EXIT_BAD_INPUT
@@ -287,8 +291,9 @@ def test_uncommitted_shards_are_ignored_with_one_warning(tmp_path, ray_session, 
 
 
 def test_init_from_a_finished_run_with_another_answer_vocabulary(
-    uninterrupted, tiny_inputs, tmp_path, ray_session
+    uninterrupted, tiny_inputs, tmp_path, ray_session, caplog
 ):
+    caplog.set_level(logging.INFO)
     annotations = json.loads(tiny_inputs["annotations"].read_text())
     for item in annotations["annotations"]:  # "red" merged into "blue": a 4-answer vocabulary
         item["multiple_choice_answer"] = item["multiple_choice_answer"].replace("red", "blue")
@@ -306,6 +311,9 @@ def test_init_from_a_finished_run_with_another_answer_vocabulary(
     assert run["model_config"]["num_answers"] == 4 and init["loaded"] > 0
     assert init["fresh"] and all(k.startswith("vqa_head.") for k in init["fresh"])
     assert len(_losses(out)) == 2
+    # the terminal says what was loaded (trial 2 item 10: only run.json did)
+    line = f"train: --init-from {uninterrupted}: {init['loaded']} tensors loaded, {len(init['fresh'])} fresh (vqa_head)"
+    assert line in caplog.text
 
 
 @pytest.mark.slow
