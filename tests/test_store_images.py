@@ -130,3 +130,21 @@ def test_object_storage_reads_batches_with_a_bounded_cache(batched, s3):
         assert remote.captions(index) == local.captions(index)
     assert remote.cache._bytes <= one_batch
     assert remote.cache.loads >= 5  # evictions: batches were read again, not kept
+
+
+def test_part_sizes_are_checked_with_an_object_storage_stat(s3, tmp_path):
+    """`StoreReader.check_part_sizes` (train and evaluate call it) on S3: the stat sizes of an intact store
+    match its markers; a part re-uploaded one byte short is refused naming the shard (trial 2 item 6)."""
+    from schemas.store import StoreSchemaError
+
+    store = write_store(tmp_path / "store", random_rows(num_images=6, feature_dim=D, seed=7), D, num_shards=2)
+    for path in sorted(store.rglob("*")):
+        if path.is_file():
+            s3.upload(path, f"sized/{path.relative_to(store)}")
+    StoreReader(s3.url("sized")).check_part_sizes()
+    part = sorted(p for p in (store / "parts").glob("*.arrow") if not p.name.endswith(".errors.arrow"))[0]
+    short = tmp_path / part.name
+    short.write_bytes(part.read_bytes()[:-1])
+    s3.upload(short, f"sized/parts/{part.name}")
+    with pytest.raises(StoreSchemaError, match=f"{part.name} is {part.stat().st_size - 1} bytes"):
+        StoreReader(s3.url("sized")).check_part_sizes()
