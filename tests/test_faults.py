@@ -15,6 +15,7 @@ killed by pid, and only processes this test started (descendants of this process
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -286,8 +287,8 @@ def test_sigkilled_detector_actor_and_read_worker(
 def test_sigkilled_driver_concurrent_run_and_rerun(
     reference: Path, shards: list[str], tmp_path: Path, capsys, ray_session: object, own_processes
 ) -> None:
-    """Fault 2 and the lock: a run is frozen (SIGSTOP) after its first shard commits; a second run on the
-    same store is refused and writes nothing; the first run is SIGKILLed; the same command run again
+    """Fault 2 and the lock: a run (its driver and its Ray processes) is frozen (SIGSTOP) after its first shard
+    commits; a second run on the same store is refused and writes nothing; the first run is SIGKILLed; the same command run again
     treats the lock as stale, skips the committed shard, and ends byte-identical to the reference."""
     out = tmp_path / "store"
     args = extract_args(shards, out, SLOW_FLAGS)
@@ -296,7 +297,12 @@ def test_sigkilled_driver_concurrent_run_and_rerun(
         wait_for(lambda: markers(out) >= 1 or proc.poll() is not None, RUN_TIMEOUT_S, "shard 0's marker")
         os.kill(proc.pid, signal.SIGSTOP)
         assert proc.poll() is None, stderr_of(tmp_path / "killed")
-        own_processes.extend(psutil.Process(proc.pid).children(recursive=True))
+        # the run's part writers are Ray actors (processes of its own Ray instance): freeze them too
+        children = psutil.Process(proc.pid).children(recursive=True)
+        own_processes.extend(children)
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.send_signal(signal.SIGSTOP)
         committed = markers(out)
         assert 1 <= committed < len(shards), committed
         before = store_snapshot(out)
